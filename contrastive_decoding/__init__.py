@@ -1,0 +1,40 @@
+"""contrastive-decoding: layer-contrastive decoding for Hugging Face transformers models.
+
+Strategies contrast what a model predicts at different depths of its own layer stack, at
+generation time and with no training. See the README for the API and examples.
+"""
+
+from .capture import LayerCapture
+from .divergence import layer_divergence
+from .generation import contrast_generate, dola_generate
+from .loading import DEFAULT_MODEL, embedded_model_file, load_model
+from .plausibility import plausible_mask
+from .processor import LayerContrastLogitsProcessor
+from .readout import TESTED_MODEL_TYPES, LayerReadout, UnsupportedModelError
+from .scoring import ContinuationScore, score_continuations
+from .strategies.base import ContrastOutput, LayerContrastStrategy
+from .strategies.dola import DoLa, DoLaLogitsProcessor, dola_candidate_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "TESTED_MODEL_TYPES",
+    "ContinuationScore",
+    "ContrastOutput",
+    "DoLa",
+    "DoLaLogitsProcessor",
+    "LayerCapture",
+    "LayerContrastLogitsProcessor",
+    "LayerContrastStrategy",
+    "LayerReadout",
+    "UnsupportedModelError",
+    "contrast_generate",
+    "dola_candidate_layers",
+    "dola_generate",
+    "embedded_model_file",
+    "layer_divergence",
+    "load_model",
+    "plausible_mask",
+    "score_continuations",
+]

@@ -1,0 +1,215 @@
+"""Model-agnostic access to a decoder-only model's layer stack and output head.
+
+Every strategy in this library reads the residual stream between decoder blocks and turns it into
+vocabulary logits ("early exit", the logit lens). Transformers has no uniform accessor for the parts
+that needs, so :class:`LayerReadout` finds them once per model:
+
+* the decoder blocks (``layers``, ``h``, ...), whose inputs are ``hidden_states[j]``;
+* the final norm and OPT's optional ``project_out``;
+* the output head (``get_output_embeddings()``) and Gemma-2/3 final-logit soft-capping;
+* the tied-embedding flag that DoLa's layer buckets depend on.
+
+Layer indices follow ``output_hidden_states``: ``0`` is the embedding output, ``j`` in ``1..N-1`` is
+the stream after block ``j``, and ``N`` (the mature layer) is the model's own output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["LayerReadout", "UnsupportedModelError", "TESTED_MODEL_TYPES", "check_layer_indices"]
+
+# Families whose readout is checked against `output_hidden_states` by the test-suite.
+TESTED_MODEL_TYPES = (
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "opt",
+)
+
+# State-space / recurrent families: they have no attention-style residual stream that the logit
+# lens and the KV-cache machinery of this library assume.
+_RECURRENT_MODEL_TYPES = (
+    "mamba",
+    "mamba2",
+    "falcon_mamba",
+    "rwkv",
+    "recurrent_gemma",
+    "xlstm",
+    "jamba",
+    "zamba",
+    "zamba2",
+    "bamba",
+    "falcon_h1",
+    "lfm2",
+)
+
+_LAYER_LIST_NAMES = ("layers", "h", "blocks", "block")
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
+
+
+class UnsupportedModelError(ValueError):
+    """Raised when a model's architecture cannot be read layer by layer."""
+
+
+@dataclass(frozen=True)
+class LayerReadout:
+    """The parts of a causal LM that early-exit logits need.
+
+    Build it with :meth:`LayerReadout.from_model`; the constructor is for tests and exotic models.
+
+    Args:
+        model: the ``*ForCausalLM`` model.
+        layers: the decoder blocks, in order.
+        final_norm: the final norm applied before the head (``None`` if the model has none).
+        project_out: OPT's projection from hidden size to embedding size (``None`` otherwise).
+        head: the output head (``model.get_output_embeddings()``).
+        logit_softcap: Gemma-2/3's ``final_logit_softcapping`` (``None`` if unused).
+        tied_embeddings: whether the head shares its weight with the input embeddings.
+    """
+
+    model: nn.Module
+    layers: nn.ModuleList
+    final_norm: nn.Module | None
+    project_out: nn.Module | None
+    head: nn.Module
+    logit_softcap: float | None
+    tied_embeddings: bool
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> LayerReadout:
+        """Locate the decoder blocks, final norm and head of ``model``.
+
+        Raises:
+            UnsupportedModelError: encoder-decoder or recurrent models, models without an output
+                head, or models whose decoder blocks cannot be found; the message names the class.
+        """
+        name = type(model).__name__
+        config = getattr(model, "config", None)
+        if config is None:
+            raise UnsupportedModelError(
+                f"{name} has no `config`; pass a transformers `*ForCausalLM` model."
+            )
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(config, "is_encoder_decoder", False):
+            raise UnsupportedModelError(
+                f"{name} is an encoder-decoder model; layer-contrastive decoding supports "
+                "decoder-only causal LMs (e.g. Llama, Qwen2, Mistral, Gemma, Phi, GPT-2, OPT)."
+            )
+        model_type = getattr(text_config, "model_type", "") or getattr(config, "model_type", "")
+        if model_type in _RECURRENT_MODEL_TYPES:
+            raise UnsupportedModelError(
+                f"{name} (model_type={model_type!r}) is a recurrent/state-space model; "
+                "layer-contrastive decoding supports attention decoder-only causal LMs."
+            )
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is None or not hasattr(head, "weight"):
+            raise UnsupportedModelError(
+                f"{name} has no output head (`get_output_embeddings()` returned {head!r}); "
+                "load the model with a language-modelling head, e.g. AutoModelForCausalLM."
+            )
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if decoder is None:
+            raise UnsupportedModelError(f"{name} has no `get_decoder()`; cannot find its layers.")
+        # OPT's get_decoder() returned OPTModel in some releases, OPTDecoder in others.
+        if not _find_child(decoder, _LAYER_LIST_NAMES) and hasattr(decoder, "decoder"):
+            decoder = decoder.decoder
+        layers = _find_child(decoder, _LAYER_LIST_NAMES)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise UnsupportedModelError(
+                f"{name}: could not find the decoder blocks on {type(decoder).__name__} "
+                f"(looked for {', '.join(_LAYER_LIST_NAMES)}); this architecture is not supported."
+            )
+        num_layers = getattr(text_config, "num_hidden_layers", len(layers))
+        if num_layers != len(layers):
+            raise UnsupportedModelError(
+                f"{name}: config says {num_layers} layers but {len(layers)} blocks were found."
+            )
+        tied = bool(getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+        softcap = getattr(text_config, "final_logit_softcapping", None)
+        return cls(
+            model=model,
+            layers=layers,
+            final_norm=_find_child(decoder, _FINAL_NORM_NAMES),
+            project_out=getattr(decoder, "project_out", None),
+            head=head,
+            logit_softcap=float(softcap) if softcap else None,
+            tied_embeddings=tied,
+        )
+
+    @property
+    def num_layers(self) -> int:
+        """N, the number of decoder blocks; layer N is the mature (final) layer."""
+        return len(self.layers)
+
+    def check_layers(self, layers: list[int], argument: str = "layers") -> list[int]:
+        """Validate premature-layer indices for this model; see :func:`check_layer_indices`."""
+        return check_layer_indices(layers, self.num_layers, argument, type(self.model).__name__)
+
+    def early_exit_logits(self, hidden: torch.Tensor, final_norm: bool = False) -> torch.Tensor:
+        """Vocabulary logits from intermediate hidden states, in one product with the head.
+
+        Args:
+            hidden: states of shape ``(..., hidden_size)``; stack several layers along a leading
+                dimension so the head weights are read once for all of them.
+            final_norm: apply the model's final norm (and, like the model's own output, Gemma's
+                logit soft-capping) before the head. DoLa's reference applies the raw head.
+
+        Returns:
+            Logits of shape ``(..., vocab_size)`` in the model's dtype.
+        """
+        if final_norm and self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        if self.project_out is not None:
+            # Needed for shape (hidden size != embedding size), so applied with or without norm.
+            hidden = self.project_out(hidden)
+        logits = self.head(hidden)
+        if final_norm and self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+def check_layer_indices(
+    layers: list[int], num_layers: int, argument: str = "layers", model_name: str = "model"
+) -> list[int]:
+    """Validate premature-layer indices (``0 <= j < N``) and return them as a list of ints.
+
+    Raises:
+        ValueError: naming ``argument`` and the valid range when the list is empty, holds a
+            non-integer, or a layer is out of range.
+    """
+    n = num_layers
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"`{argument}` is empty; give at least one layer index in 0..{n - 1}.")
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(
+                f"`{argument}` must hold integer layer indices, got {layer!r} "
+                f"({type(layer).__name__}); valid indices are 0..{n - 1}."
+            )
+        if not 0 <= layer < n:
+            raise ValueError(
+                f"`{argument}` has layer {layer}, outside 0..{n - 1} for this {n}-layer {model_name}; "
+                f"0 is the embedding output and {n} is the mature layer, which is always used."
+            )
+    return layers
+
+
+def _find_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    for attr in names:
+        child = getattr(module, attr, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None

@@ -1,0 +1,218 @@
+"""Teacher-forced scoring of given continuations, with or without a layer contrast.
+
+This is what multiple-choice evaluation needs: for a prompt and candidate answers, the summed
+log-score of each answer's tokens. All continuations of one prompt run as right-padded rows of
+batched forward passes (no Python loop of one forward per answer); the premature layers' states are
+captured by hooks in the same passes.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import LayerCapture
+from .readout import LayerReadout
+from .strategies.base import SCORING_PROTOCOLS, LayerContrastStrategy, ScoringProtocol
+
+__all__ = ["ContinuationScore", "score_continuations"]
+
+
+@dataclass
+class ContinuationScore:
+    """The score of one continuation.
+
+    Attributes:
+        continuation: the continuation text as given.
+        total: the summed per-token score.
+        token_scores: the score of each continuation token, ``(tokens,)`` float32.
+        token_ids: the continuation's token ids.
+        premature_layers: the premature layer used for each token (``None`` for plain scoring).
+    """
+
+    continuation: str
+    total: float
+    token_scores: torch.Tensor
+    token_ids: list[int]
+    premature_layers: list[int] | None = None
+
+
+def _tokenize(tokenizer, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    prefix = tokenizer(prompt)["input_ids"]
+    rows = []
+    for text in continuations:
+        full = tokenizer(prompt + text)["input_ids"]
+        if full[: len(prefix)] != prefix:
+            # The tokenizer merged across the boundary; score the continuation as its own tokens so
+            # that the scored tokens are exactly the continuation's.
+            full = prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+        rows.append(full)
+    return prefix, rows
+
+
+def _check_inputs(prompt: str, continuations: Sequence[str], protocol: str, batch_size: int | None) -> None:
+    if not isinstance(prompt, str):
+        raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
+    if isinstance(continuations, str):
+        raise ValueError("`continuations` must be a list of strings, not a single string; wrap it in a list.")
+    if len(continuations) == 0:
+        raise ValueError("`continuations` is empty; give at least one answer to score.")
+    for i, text in enumerate(continuations):
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"`continuations[{i}]` must be a non-empty string, got {text!r}.")
+    if protocol not in SCORING_PROTOCOLS:
+        raise ValueError(f"`protocol` must be one of {SCORING_PROTOCOLS}, got {protocol!r}.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
+
+
+@torch.no_grad()
+def score_continuations(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    continuations: Sequence[str],
+    strategy: LayerContrastStrategy | None = None,
+    protocol: ScoringProtocol = "paper",
+    batch_size: int | None = None,
+    floor: float = -1000.0,
+    positions_per_chunk: int = 64,
+) -> list[ContinuationScore]:
+    """Score each continuation of ``prompt`` by teacher forcing.
+
+    The text scored is ``prompt + continuation`` (include a leading space in the continuation if
+    the answer is a new word, as DoLa's scripts do); the continuation's tokens are the tokens of the
+    whole text after those of the prompt.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer.
+        prompt: the shared context.
+        continuations: the candidate continuations (non-empty strings).
+        strategy: ``None`` for plain log-likelihood, or a strategy such as
+            :class:`~contrastive_decoding.DoLa` (dynamic layer choice per token).
+        protocol: with a strategy, ``"paper"`` sums the raw contrast ``log q_N(y) - log q_M(y)``
+            with no plausibility filter (DoLa's TruthfulQA-MC script); ``"normalized"`` log-softmaxes
+            the contrast and gives implausible tokens ``floor`` (DoLa's FACTOR script). Ignored when
+            ``strategy`` is ``None``.
+        batch_size: rows per forward pass (default: all continuations in one pass).
+        floor: the score of implausible tokens under ``"normalized"``.
+        positions_per_chunk: scored positions per early-exit head product (bounds memory).
+
+    Returns:
+        One :class:`ContinuationScore` per continuation, in order.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+        >>> from contrastive_decoding import DoLa, score_continuations
+        >>> # any causal LM and its tokenizer; see the README for a real model
+        >>> scores = score_continuations(model, tokenizer, "Q: 2+2? A:", [" 4", " 5"],
+        ...                              strategy=DoLa("high"))  # doctest: +SKIP
+        >>> best = max(scores, key=lambda s: s.total)  # doctest: +SKIP
+    """
+    _check_inputs(prompt, continuations, protocol, batch_size)
+    readout = LayerReadout.from_model(model)
+    layers = strategy.premature_layers(readout) if strategy is not None else []
+
+    prefix, rows = _tokenize(tokenizer, prompt, continuations)
+    if not prefix:
+        raise ValueError(
+            "`prompt` tokenizes to no tokens; the first continuation token needs a context "
+            "(give a prompt, or use a tokenizer that adds a BOS token)."
+        )
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    step = batch_size or len(rows)
+    start = len(prefix) - 1  # position predicting the first continuation token
+    results: list[ContinuationScore] = []
+
+    capture = LayerCapture(readout, layers, positions="all") if layers else None
+    for lo in range(0, len(rows), step):
+        chunk = rows[lo : lo + step]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        if capture is not None:
+            capture.attach()
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, width - start)).logits
+            states = capture.stacked() if capture is not None else None
+        finally:
+            if capture is not None:
+                capture.detach()
+        # logits[:, k] predicts token start + k + 1 (only the last width - start positions kept).
+        logits = logits[:, -(width - start) :]
+        # Flatten the (row, position) pairs that score a real continuation token.
+        row_idx, pos_idx, targets = [], [], []
+        for i, row in enumerate(chunk):
+            n = len(row) - len(prefix)
+            row_idx += [i] * n
+            pos_idx += list(range(n))
+            targets += row[len(prefix) :]
+        row_t = torch.tensor(row_idx, device=device)
+        pos_t = torch.tensor(pos_idx, device=device)
+        target_t = torch.tensor(targets, device=device)
+        final = logits[row_t, pos_t].float()
+        if strategy is None:
+            token_scores = F.log_softmax(final, dim=-1).gather(-1, target_t[:, None]).squeeze(-1)
+            chosen = None
+        else:
+            token_scores, chosen = _contrast_scores(
+                readout, strategy, states, final, row_t, pos_t + start, target_t, protocol, floor,
+                positions_per_chunk,
+            )
+        offset = 0
+        for i, row in enumerate(chunk):
+            n = len(row) - len(prefix)
+            piece = token_scores[offset : offset + n].cpu()
+            used = None if chosen is None else [layers[j] for j in chosen[offset : offset + n].tolist()]
+            results.append(
+                ContinuationScore(
+                    continuation=continuations[lo + i],
+                    total=float(piece.sum()),
+                    token_scores=piece,
+                    token_ids=row[len(prefix) :],
+                    premature_layers=used,
+                )
+            )
+            offset += n
+    return results
+
+
+def _logits_to_keep(model: nn.Module, keep: int) -> dict:
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": keep}
+    return {}
+
+
+def _contrast_scores(
+    readout: LayerReadout,
+    strategy: LayerContrastStrategy,
+    states: torch.Tensor,
+    final: torch.Tensor,
+    row_t: torch.Tensor,
+    pos_t: torch.Tensor,
+    target_t: torch.Tensor,
+    protocol: ScoringProtocol,
+    floor: float,
+    positions_per_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores, chosen = [], []
+    for lo in range(0, final.shape[0], positions_per_chunk):
+        sl = slice(lo, lo + positions_per_chunk)
+        hidden = states[:, row_t[sl], pos_t[sl]]  # (J, P, H)
+        layer_logits = readout.early_exit_logits(hidden, final_norm=strategy.final_norm)
+        out = strategy.score_tokens(final[sl], layer_logits.to(final.device), target_t[sl], protocol, floor)
+        scores.append(out.scores)
+        chosen.append(out.chosen)
+    return torch.cat(scores), torch.cat(chosen)

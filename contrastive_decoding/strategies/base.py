@@ -1,0 +1,90 @@
+"""The base class every layer-contrast strategy derives from.
+
+A strategy is model-independent configuration plus math: it says which premature layers it needs
+(:meth:`premature_layers`) and how their early-exit logits combine with the mature ones, once for a
+decoding step (:meth:`contrast`) and once per teacher-forced token (:meth:`score_tokens`). Capture,
+early exit, logits processors, generate loops and scoring are shared machinery that calls these.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..readout import LayerReadout
+
+__all__ = ["ContrastOutput", "LayerContrastStrategy", "ScoringProtocol", "SCORING_PROTOCOLS"]
+
+ScoringProtocol = Literal["paper", "normalized"]
+SCORING_PROTOCOLS = ("paper", "normalized")
+
+
+@dataclass
+class ContrastOutput:
+    """What a strategy returns for one decoding step or one batch of scored tokens.
+
+    Attributes:
+        scores: contrasted scores, ``(rows, vocab)`` for a step, ``(tokens,)`` when scoring.
+        chosen: for each row/token, the position in :meth:`premature_layers` of the layer used
+            (``None`` if the strategy uses all of them).
+    """
+
+    scores: torch.Tensor
+    chosen: torch.Tensor | None = None
+
+
+class LayerContrastStrategy(ABC):
+    """Contrast the mature layer's distribution against early exits of the same model.
+
+    Subclasses set :attr:`final_norm` and implement the three methods below.
+    """
+
+    #: Apply the final norm (and logit soft-capping) to early exits before the head.
+    final_norm: bool = False
+
+    @abstractmethod
+    def premature_layers(self, readout: LayerReadout) -> list[int]:
+        """Resolve and validate the premature layers (indices ``0..N-1``) for this model.
+
+        Raises:
+            ValueError: naming the argument and the valid choices for an invalid layer spec.
+        """
+
+    @abstractmethod
+    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
+        """Contrasted next-token scores for one decoding step.
+
+        Args:
+            final_logits: mature logits (or the processor's incoming ``scores``), ``(B, V)``.
+            layer_logits: early-exit logits of :meth:`premature_layers`, ``(J, B, V)``.
+
+        Returns:
+            A new ``(B, V)`` tensor of scores (inputs are never edited in place) and the layer used
+            per row.
+        """
+
+    @abstractmethod
+    def score_tokens(
+        self,
+        final_logits: torch.Tensor,
+        layer_logits: torch.Tensor,
+        targets: torch.Tensor,
+        protocol: ScoringProtocol,
+        floor: float,
+    ) -> ContrastOutput:
+        """Contrasted log-scores of given target tokens (teacher forcing).
+
+        Args:
+            final_logits: mature logits at the positions that predict each target, ``(P, V)``.
+            layer_logits: early-exit logits at those positions, ``(J, P, V)``.
+            targets: the target token ids, ``(P,)``.
+            protocol: ``"paper"`` (raw contrast) or ``"normalized"`` (log-softmaxed contrast with
+                the plausibility floor); see :func:`contrastive_decoding.score_continuations`.
+            floor: the finite score given to implausible tokens under ``"normalized"``.
+
+        Returns:
+            ``(P,)`` scores and the layer used per target.
+        """

@@ -1,0 +1,232 @@
+"""DoLa: Decoding by Contrasting Layers (Chuang et al., ICLR 2024, arXiv 2309.03883).
+
+The next-token score is ``log q_N - log q_M`` on the plausible set of ``q_N``, where ``q_N`` is the
+model's own distribution and ``q_M`` the early exit of a premature layer ``M``: fixed ("static"),
+or chosen per row and step as the candidate layer whose distribution diverges most from ``q_N``
+("dynamic"). Layer buckets, divergence and plausibility filter follow transformers 4.43-4.55's
+built-in implementation, so greedy outputs match it token for token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..divergence import DIVERGENCES, layer_divergence
+from ..processor import LayerContrastLogitsProcessor
+from ..plausibility import check_relative_top, plausible_mask
+from ..readout import LayerReadout, check_layer_indices
+from .base import SCORING_PROTOCOLS, ContrastOutput, LayerContrastStrategy, ScoringProtocol
+
+__all__ = ["DoLa", "DoLaLogitsProcessor", "dola_candidate_layers", "LAYER_CHOICES"]
+
+LAYER_CHOICES = ("per_row", "batch_mean")
+
+DoLaLayers = Literal["low", "high"] | int | Sequence[int]
+
+
+def dola_candidate_layers(dola_layers: DoLaLayers, num_layers: int, tied_embeddings: bool) -> list[int]:
+    """Candidate premature layers, with transformers' ``dola_layers`` bucket rules.
+
+    ``start`` is 0, or 2 with tied embeddings (an exit from tied embeddings is close to identity;
+    1 for a 2-layer model). For ``N <= 40``: ``"low"`` is ``range(start, N // 2, 2)`` and ``"high"``
+    ``range(N // 2, N, 2)``; for ``N > 40``: ``range(start, 20, 2)`` and ``range(N - 20, N, 2)``.
+    An int or a list of ints is taken as given (``0 <= j < N``; 0 is the embedding output).
+
+    Raises:
+        ValueError: an unknown bucket name, an empty list, or a layer outside ``0..N-1``.
+    """
+    n = num_layers
+    if isinstance(dola_layers, str):
+        if dola_layers not in ("low", "high"):
+            raise ValueError(
+                f"`dola_layers` must be 'low', 'high', an int or a list of ints in 0..{n - 1}, "
+                f"got {dola_layers!r}."
+            )
+        if not tied_embeddings:
+            start = 0
+        elif n > 2:
+            start = 2
+        elif n == 2:
+            start = 1
+        else:
+            start = 0
+        if dola_layers == "low":
+            if start == n // 2:
+                layers = [start]
+            else:
+                layers = list(range(start, n // 2, 2)) if n <= 40 else list(range(start, 20, 2))
+        else:
+            layers = list(range(n // 2, n, 2)) if n <= 40 else list(range(n - 20, n, 2))
+        if not layers:
+            raise ValueError(
+                f"`dola_layers={dola_layers!r}` selects no layer for this {n}-layer model "
+                f"(tied embeddings: {tied_embeddings}); pass explicit layer indices in 0..{n - 1}."
+            )
+        return layers
+    layers = [dola_layers] if isinstance(dola_layers, int) else list(dola_layers)
+    return check_layer_indices(layers, n, argument="dola_layers")
+
+
+class DoLa(LayerContrastStrategy):
+    """DoLa's layer contrast, as a strategy for processors, generate loops and scoring.
+
+    Args:
+        dola_layers: ``"high"`` (short factual answers), ``"low"`` (long reasoning), one layer index
+            (static DoLa: no divergence, always that layer) or a list of candidate layers.
+        relative_top: plausibility threshold in (0, 1]; tokens below ``relative_top`` times the top
+            probability of the mature layer are excluded (``-inf``).
+        final_norm: apply the final norm to early exits (DoLa's reference does not).
+        layer_choice: ``"per_row"`` picks the premature layer for each batch row (correct batching);
+            ``"batch_mean"`` picks one layer for the whole batch from the batch-mean divergence, as
+            the reference code does.
+        divergence: ``"reference"`` (the reference code's formula, default) or ``"jsd"`` (textbook
+            Jensen-Shannon); see :mod:`contrastive_decoding.divergence`.
+        min_tokens_to_keep: tokens always kept by the plausibility filter.
+
+    Example:
+        >>> from contrastive_decoding import DoLa
+        >>> DoLa(dola_layers="high").relative_top
+        0.1
+    """
+
+    def __init__(
+        self,
+        dola_layers: DoLaLayers = "high",
+        relative_top: float = 0.1,
+        final_norm: bool = False,
+        layer_choice: Literal["per_row", "batch_mean"] = "per_row",
+        divergence: Literal["reference", "jsd"] = "reference",
+        min_tokens_to_keep: int = 1,
+    ) -> None:
+        if isinstance(dola_layers, str) and dola_layers not in ("low", "high"):
+            raise ValueError(
+                f"`dola_layers` must be 'low', 'high', an int or a list of ints, got {dola_layers!r}."
+            )
+        if not isinstance(dola_layers, (str, int)):
+            dola_layers = list(dola_layers)
+            if not dola_layers:
+                raise ValueError("`dola_layers` is an empty list; give 'low', 'high' or layer indices.")
+        if layer_choice not in LAYER_CHOICES:
+            raise ValueError(f"`layer_choice` must be one of {LAYER_CHOICES}, got {layer_choice!r}.")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
+        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+            raise ValueError(f"`min_tokens_to_keep` must be an int >= 1, got {min_tokens_to_keep!r}.")
+        self.dola_layers = dola_layers
+        self.relative_top = check_relative_top(relative_top)
+        self.final_norm = bool(final_norm)
+        self.layer_choice = layer_choice
+        self.divergence = divergence
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __repr__(self) -> str:
+        return (
+            f"DoLa(dola_layers={self.dola_layers!r}, relative_top={self.relative_top}, "
+            f"final_norm={self.final_norm}, layer_choice={self.layer_choice!r}, "
+            f"divergence={self.divergence!r})"
+        )
+
+    def premature_layers(self, readout: LayerReadout) -> list[int]:
+        return dola_candidate_layers(self.dola_layers, readout.num_layers, readout.tied_embeddings)
+
+    def _choose(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> torch.Tensor:
+        """Index into the candidate list per row: ``(rows,)``."""
+        rows = final_logits.shape[0]
+        if layer_logits.shape[0] == 1:
+            return torch.zeros(rows, dtype=torch.long, device=final_logits.device)
+        div = layer_divergence(final_logits, layer_logits, self.divergence)  # (J, rows)
+        if self.layer_choice == "batch_mean":
+            return div.mean(-1).argmax().expand(rows)
+        return div.argmax(0)
+
+    def _premature(self, layer_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        rows = torch.arange(index.shape[0], device=index.device)
+        return layer_logits[index, rows].float()
+
+    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
+        final_logits = final_logits.float()
+        index = self._choose(final_logits, layer_logits)
+        final_lp = F.log_softmax(final_logits, dim=-1)
+        base_lp = F.log_softmax(self._premature(layer_logits, index), dim=-1)
+        keep = plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep)
+        scores = torch.where(keep, final_lp - base_lp, -torch.inf)
+        return ContrastOutput(scores, index)
+
+    def score_tokens(
+        self,
+        final_logits: torch.Tensor,
+        layer_logits: torch.Tensor,
+        targets: torch.Tensor,
+        protocol: ScoringProtocol = "paper",
+        floor: float = -1000.0,
+    ) -> ContrastOutput:
+        if protocol not in SCORING_PROTOCOLS:
+            raise ValueError(f"`protocol` must be one of {SCORING_PROTOCOLS}, got {protocol!r}.")
+        final_logits = final_logits.float()
+        index = self._choose(final_logits, layer_logits)
+        final_lp = F.log_softmax(final_logits, dim=-1)
+        diff = final_lp - F.log_softmax(self._premature(layer_logits, index), dim=-1)
+        if protocol == "normalized":
+            # DoLa's FACTOR scoring: renormalise the contrast, then floor implausible tokens.
+            diff = F.log_softmax(diff, dim=-1)
+            keep = plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep)
+            diff = torch.where(keep, diff, floor)
+        scores = diff.gather(-1, targets[:, None]).squeeze(-1)
+        return ContrastOutput(scores, index)
+
+
+class DoLaLogitsProcessor(LayerContrastLogitsProcessor):
+    """DoLa as a `LogitsProcessor` for stock ``model.generate``.
+
+    Works with greedy search, sampling, beam search, left-padded batches and the KV cache. Every
+    argument is validated before any hook is attached.
+
+    Args:
+        model: the causal LM that ``generate`` runs.
+        dola_layers: ``"high"``, ``"low"``, one layer index (static) or a list of candidate layers.
+        relative_top: plausibility threshold in (0, 1].
+        final_norm: apply the final norm to early exits (default ``False``, like DoLa's code).
+        layer_choice: ``"per_row"`` (default) or ``"batch_mean"`` (the reference's single layer).
+        divergence: ``"reference"`` (default) or ``"jsd"``.
+        min_tokens_to_keep: tokens always kept by the plausibility filter.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+        >>> from transformers import RepetitionPenaltyLogitsProcessor
+        >>> from contrastive_decoding import DoLaLogitsProcessor
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
+        >>> with DoLaLogitsProcessor(model, dola_layers="high") as dola:
+        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False,
+        ...         logits_processor=LogitsProcessorList([dola, RepetitionPenaltyLogitsProcessor(1.2)]))
+        >>> dola.chosen_layers.shape  # (steps, batch)
+        torch.Size([4, 1])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dola_layers: DoLaLayers = "high",
+        relative_top: float = 0.1,
+        final_norm: bool = False,
+        layer_choice: Literal["per_row", "batch_mean"] = "per_row",
+        divergence: Literal["reference", "jsd"] = "reference",
+        min_tokens_to_keep: int = 1,
+    ) -> None:
+        super().__init__(
+            model,
+            DoLa(
+                dola_layers=dola_layers,
+                relative_top=relative_top,
+                final_norm=final_norm,
+                layer_choice=layer_choice,
+                divergence=divergence,
+                min_tokens_to_keep=min_tokens_to_keep,
+            ),
+        )
