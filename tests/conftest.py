@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random models of every supported family, built from configs (no Hub)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+VOCAB = 96
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+# model_type -> config kwargs. Six layers so that "low"/"high" buckets hold several layers.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_LLAMA_LIKE),
+    "qwen2": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=8),
+    "mistral": dict(_LLAMA_LIKE, sliding_window=None),
+    "gemma": dict(_LLAMA_LIKE, head_dim=8),
+    "gemma2": dict(_LLAMA_LIKE, head_dim=8, sliding_window=8, final_logit_softcapping=30.0),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=8, sliding_window=8, final_logit_softcapping=30.0),
+    "phi": dict(_LLAMA_LIKE, num_key_value_heads=4),
+    "phi3": dict(_LLAMA_LIKE),
+    "gpt2": dict(vocab_size=VOCAB, n_embd=32, n_layer=6, n_head=4, n_positions=256),
+    "gpt_neox": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
+    "opt": dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=16,
+    ),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def build_config(family: str, **overrides):
+    kwargs = dict(FAMILY_CONFIGS[family], **SPECIAL)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(family, **kwargs)
+
+
+def build_model(family: str, seed: int = 0, **overrides):
+    """A tiny random model of ``family`` in eval mode, deterministic for a given seed."""
+    config = build_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Random init leaves tiny logits and flat distributions; scale the head so that greedy choices
+    # are well separated and layer contrasts are non-trivial.
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight.mul_(4.0)
+    return model
+
+
+_CACHE: dict[str, torch.nn.Module] = {}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    """The family's tiny model (shared across tests; tests must leave it unchanged)."""
+    if family not in _CACHE:
+        _CACHE[family] = build_model(family)
+    return _CACHE[family]
+
+
+def prompt_ids(batch: int = 1, length: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def left_padded(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id tensors into (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def model_state(model) -> dict:
+    """Everything the tests check is restored: hooks on every module and the parameters."""
+    hooks = {
+        name: (
+            dict(m._forward_hooks),
+            dict(m._forward_pre_hooks),
+            dict(getattr(m, "_forward_hooks_with_kwargs", {})),
+        )
+        for name, m in model.named_modules()
+    }
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"hooks": hooks, "params": params, "attn": model.config._attn_implementation}
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before["hooks"] == after["hooks"]
+    assert before["attn"] == after["attn"]
+    assert before["params"].keys() == after["params"].keys()
+    for k in before["params"]:
+        assert torch.equal(before["params"][k], after["params"][k]), k
