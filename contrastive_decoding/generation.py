@@ -78,7 +78,9 @@ def contrast_generate(
     # transformers >= 5.4 slices the new tokens with `next_sequence_length`; older releases track
     # `cache_position` in model_kwargs. Feeding the wrong one re-feeds the whole sequence.
     # Read the base class: some models (Phi-3) override the method with a **kwargs signature.
-    new_api = "next_sequence_length" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    new_api = (
+        "next_sequence_length" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    )
     if not new_api:
         model_kwargs = model._get_initial_cache_position(cur_len, input_ids.device, model_kwargs)
 
@@ -103,7 +105,9 @@ def contrast_generate(
             if synced_gpus and this_peer_finished:
                 continue
 
-            final_logits = outputs.logits[:, -1, :].to(copy=True, dtype=torch.float32, device=input_ids.device)
+            final_logits = outputs.logits[:, -1, :].to(
+                copy=True, dtype=torch.float32, device=input_ids.device
+            )
             layer_logits = readout.early_exit_logits(capture.stacked(), final_norm=strategy.final_norm)
             contrast = strategy.contrast(final_logits, layer_logits.to(final_logits.device))
             if contrast.chosen is not None:

@@ -27,9 +27,7 @@ def check_relative_top(relative_top: float, argument: str = "relative_top") -> f
     return float(relative_top)
 
 
-def plausible_mask(
-    log_probs: torch.Tensor, relative_top: float, min_tokens_to_keep: int = 1
-) -> torch.Tensor:
+def plausible_mask(log_probs: torch.Tensor, relative_top: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
     """Boolean mask of the tokens that pass the plausibility constraint.
 
     Args:

@@ -98,9 +98,7 @@ class LayerReadout:
         name = type(model).__name__
         config = getattr(model, "config", None)
         if config is None:
-            raise UnsupportedModelError(
-                f"{name} has no `config`; pass a transformers `*ForCausalLM` model."
-            )
+            raise UnsupportedModelError(f"{name} has no `config`; pass a transformers `*ForCausalLM` model.")
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         if getattr(config, "is_encoder_decoder", False):
             raise UnsupportedModelError(
@@ -136,7 +134,9 @@ class LayerReadout:
             raise UnsupportedModelError(
                 f"{name}: config says {num_layers} layers but {len(layers)} blocks were found."
             )
-        tied = bool(getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+        tied = bool(
+            getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
+        )
         softcap = getattr(text_config, "final_logit_softcapping", None)
         return cls(
             model=model,

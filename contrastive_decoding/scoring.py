@@ -168,7 +168,15 @@ def score_continuations(
             chosen = None
         else:
             token_scores, chosen = _contrast_scores(
-                readout, strategy, states, final, row_t, pos_t + start, target_t, protocol, floor,
+                readout,
+                strategy,
+                states,
+                final,
+                row_t,
+                pos_t + start,
+                target_t,
+                protocol,
+                floor,
                 positions_per_chunk,
             )
         offset = 0

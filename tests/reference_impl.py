@@ -76,7 +76,9 @@ def dola_step(
     return torch.stack(rows), chosen
 
 
-def dola_greedy(model, ids: torch.Tensor, layers: list[int], steps: int, **kwargs) -> tuple[torch.Tensor, list]:
+def dola_greedy(
+    model, ids: torch.Tensor, layers: list[int], steps: int, **kwargs
+) -> tuple[torch.Tensor, list]:
     """Greedy DoLa decoding from scratch at every step (no cache)."""
     history = []
     for _ in range(steps):

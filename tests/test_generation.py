@@ -50,9 +50,11 @@ def test_processor_without_effect_leaves_generate_unchanged(tiny_model):
     ids = prompt_ids(batch=2)
     stock = _generate(tiny_model, ids, output_scores=True, return_dict_in_generate=True)
     with LayerContrastLogitsProcessor(tiny_model, PassThrough()) as proc:
-        ours = _generate(tiny_model, ids, logits_processor=[proc], output_scores=True, return_dict_in_generate=True)
+        ours = _generate(
+            tiny_model, ids, logits_processor=[proc], output_scores=True, return_dict_in_generate=True
+        )
     assert torch.equal(stock.sequences, ours.sequences)
-    for a, b in zip(stock.scores, ours.scores):
+    for a, b in zip(stock.scores, ours.scores, strict=True):
         assert torch.equal(a, b)
 
 
@@ -73,7 +75,9 @@ def test_dola_with_repetition_penalty_matches_reference(tiny_model):
     ids = prompt_ids()
     layers = DoLa("high").premature_layers(LayerReadout.from_model(tiny_model))
     expected, _ = dola_greedy(tiny_model, ids, layers, STEPS, repetition_penalty=1.2)
-    loop = _generate(tiny_model, ids, custom_generate=dola_generate, dola_layers="high", repetition_penalty=1.2)
+    loop = _generate(
+        tiny_model, ids, custom_generate=dola_generate, dola_layers="high", repetition_penalty=1.2
+    )
     assert loop.tolist() == expected.tolist()
     with DoLaLogitsProcessor(tiny_model, "high") as dola:
         procs = LogitsProcessorList([dola, RepetitionPenaltyLogitsProcessor(1.2)])
@@ -98,7 +102,9 @@ def test_left_padded_row_equals_row_alone(tiny_model):
     ids, mask = left_padded([short, long])
     with DoLaLogitsProcessor(tiny_model, "high") as proc:
         batched = _generate(tiny_model, ids, mask, logits_processor=[proc])
-        alone = [_generate(tiny_model, row[None], logits_processor=[proc])[0, -STEPS:] for row in (short, long)]
+        alone = [
+            _generate(tiny_model, row[None], logits_processor=[proc])[0, -STEPS:] for row in (short, long)
+        ]
     loop = _generate(tiny_model, ids, mask, custom_generate=dola_generate)
     for i in range(2):
         assert batched[i, -STEPS:].tolist() == alone[i].tolist()
@@ -173,6 +179,8 @@ def test_scores_are_not_edited_in_place(tiny_model):
 
 def test_loop_returns_premature_layers(tiny_model):
     ids = prompt_ids(batch=2)
-    out = _generate(tiny_model, ids, custom_generate=dola_generate, return_dict_in_generate=True, output_scores=True)
+    out = _generate(
+        tiny_model, ids, custom_generate=dola_generate, return_dict_in_generate=True, output_scores=True
+    )
     assert out.premature_layers.shape == (2, STEPS)
     assert len(out.scores) == STEPS

@@ -39,7 +39,9 @@ for case in job["cases"]:
         max_new_tokens=case["max_new_tokens"],
         min_new_tokens=case["max_new_tokens"],
         do_sample=False,
-        pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None else model.config.pad_token_id,
+        pad_token_id=model.config.eos_token_id
+        if model.config.pad_token_id is None
+        else model.config.pad_token_id,
     )
-    results.append(out[0, ids.shape[1]:].tolist())
+    results.append(out[0, ids.shape[1] :].tolist())
 json.dump({"transformers": transformers.__version__, "tokens": results}, sys.stdout)
