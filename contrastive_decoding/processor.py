@@ -7,6 +7,8 @@ lets the strategy contrast them with the incoming ``scores`` (the mature logits)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import LogitsProcessor
@@ -22,11 +24,10 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
     """Apply a :class:`LayerContrastStrategy` inside stock ``model.generate``.
 
     Hooks are attached when the processor is built (after every argument is validated) and removed
-    by :meth:`detach`, or on leaving a ``with`` block. The incoming ``scores`` are contrasted (so masks
-    set by earlier processors hold); decisions of the strategy that depend on the model's own
-    distribution (DoLa's premature-layer choice) use the model's raw logits, captured by a hook.
-    Processors that should act on the contrasted scores (DoLa's repetition penalty) go after it:
-    pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
+    by :meth:`detach`, or on leaving a ``with`` block. The mature logits are the model's own, captured
+    by a hook; tokens that earlier processors set to ``-inf`` (``min_new_tokens``, ``bad_words_ids``)
+    stay ``-inf``. Processors that should act on the contrasted scores (DoLa's repetition penalty) go
+    after it: pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
 
     Args:
         model: the causal LM whose layers are contrasted (the one that ``generate`` runs).
@@ -40,6 +41,7 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
         self.readout = LayerReadout.from_model(model)
         self.layers = strategy.premature_layers(self.readout)
         self._chosen: list[torch.Tensor] = []
+        self._warned_order = False
         self.capture = LayerCapture(self.readout, self.layers, positions="last", keep_logits=True).attach()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -55,12 +57,43 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
                 "model it was built for."
             )
         layer_logits = self.readout.early_exit_logits(states, final_norm=self.strategy.final_norm)
-        raw = self.capture.logits
-        raw = raw.to(scores.device) if raw is not None and raw.shape == scores.shape else None
-        out = self.strategy.contrast(scores, layer_logits.to(scores.device), raw)
+        mature = self._mature_logits(scores)
+        out = self.strategy.contrast(mature, layer_logits.to(scores.device))
         if out.chosen is not None:
             self._chosen.append(torch.tensor(self.layers, device=out.chosen.device)[out.chosen])
-        return out.scores.to(scores.dtype)
+        if mature is scores:
+            return out.scores.to(scores.dtype)
+        # Hard masks set by earlier processors (min_new_tokens, bad_words_ids, ...) still hold.
+        return torch.where(scores == -torch.inf, -torch.inf, out.scores).to(scores.dtype)
+
+    def _mature_logits(self, scores: torch.Tensor) -> torch.Tensor:
+        """The model's own logits when earlier processors only masked tokens or shifted rows.
+
+        That makes the contrast identical to the reference, where such processors run after it
+        (a -inf mask would otherwise renormalise the mature distribution). If earlier processors
+        changed the scores otherwise (e.g. ``repetition_penalty=`` given to ``generate``), their
+        output is contrasted instead, with a warning about the order.
+        """
+        raw = self.capture.logits
+        if raw is None or raw.shape != scores.shape:
+            return scores
+        raw = raw.to(device=scores.device, dtype=torch.float32)
+        finite = scores > -torch.inf
+        shift = scores.float() - raw
+        spread = torch.where(finite, shift, -torch.inf).amax(-1) - torch.where(finite, shift, torch.inf).amin(
+            -1
+        )
+        if bool((spread <= 1e-4 * (1.0 + raw.abs().amax(-1))).all()):
+            return raw
+        if not self._warned_order:
+            self._warned_order = True
+            warnings.warn(
+                f"Logits processors before {type(self).__name__} changed the scores it contrasts "
+                "(e.g. `repetition_penalty=` passed to generate). To apply them to the contrasted "
+                "scores, as DoLa does, pass them in `logits_processor=` after this processor.",
+                stacklevel=2,
+            )
+        return scores
 
     @property
     def chosen_layers(self) -> torch.Tensor:

@@ -89,7 +89,9 @@ def test_smollm2_matches_transformers_455():
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         cases = [
-            dict(input_ids=ids.tolist(), dola_layers=layers, repetition_penalty=1.2, max_new_tokens=NEW_TOKENS)
+            dict(
+                input_ids=ids.tolist(), dola_layers=layers, repetition_penalty=1.2, max_new_tokens=NEW_TOKENS
+            )
             for layers in ("high", "low", [10], [4, 8, 12])
         ]
         expected = run_reference({"gguf": str(embedded_model_file())}, cases)

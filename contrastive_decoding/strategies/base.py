@@ -54,20 +54,12 @@ class LayerContrastStrategy(ABC):
         """
 
     @abstractmethod
-    def contrast(
-        self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
-        raw_logits: torch.Tensor | None = None,
-    ) -> ContrastOutput:
+    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
         """Contrasted next-token scores for one decoding step.
 
         Args:
-            final_logits: mature scores to contrast, ``(B, V)``: the model's logits, or a
-                processor's incoming ``scores`` (which earlier processors may have masked).
+            final_logits: the mature layer's logits, ``(B, V)``.
             layer_logits: early-exit logits of :meth:`premature_layers`, ``(J, B, V)``.
-            raw_logits: the model's own, unprocessed mature logits, for decisions that must not
-                depend on earlier processors (DoLa's layer choice); defaults to ``final_logits``.
 
         Returns:
             A new ``(B, V)`` tensor of scores (inputs are never edited in place) and the layer used

@@ -148,16 +148,9 @@ class DoLa(LayerContrastStrategy):
         rows = torch.arange(index.shape[0], device=index.device)
         return layer_logits[index, rows].float()
 
-    def contrast(
-        self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
-        raw_logits: torch.Tensor | None = None,
-    ) -> ContrastOutput:
+    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
         final_logits = final_logits.float()
-        # The layer is chosen from the model's own distribution, as in the reference, where
-        # processors such as min_new_tokens (which puts -inf on EOS) run after the contrast.
-        index = self._choose(final_logits if raw_logits is None else raw_logits.float(), layer_logits)
+        index = self._choose(final_logits, layer_logits)
         final_lp = F.log_softmax(final_logits, dim=-1)
         base_lp = F.log_softmax(self._premature(layer_logits, index), dim=-1)
         keep = plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep)
