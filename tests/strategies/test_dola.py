@@ -149,5 +149,9 @@ def test_warns_when_earlier_processors_change_the_scores(tiny_model):
     with DoLaLogitsProcessor(tiny_model, "high") as proc:
         with pytest.warns(UserWarning, match="pass them in `logits_processor=` after this processor"):
             tiny_model.generate(
-                prompt_ids(), logits_processor=[proc], repetition_penalty=1.5, max_new_tokens=3, do_sample=False
+                prompt_ids(),
+                logits_processor=[proc],
+                repetition_penalty=1.5,
+                max_new_tokens=3,
+                do_sample=False,
             )
