@@ -117,12 +117,13 @@ class LayerReadout:
                 f"{name} has no output head (`get_output_embeddings()` returned {head!r}); "
                 "load the model with a language-modelling head, e.g. AutoModelForCausalLM."
             )
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        decoder = _find_decoder(model)
         if decoder is None:
-            raise UnsupportedModelError(f"{name} has no `get_decoder()`; cannot find its layers.")
-        # OPT's get_decoder() returned OPTModel in some releases, OPTDecoder in others.
-        if not _find_child(decoder, _LAYER_LIST_NAMES) and hasattr(decoder, "decoder"):
-            decoder = decoder.decoder
+            raise UnsupportedModelError(
+                f"{name}: could not find its decoder blocks (looked for "
+                f"{', '.join(_LAYER_LIST_NAMES)} on get_decoder() and the base model); "
+                "this architecture is not supported."
+            )
         layers = _find_child(decoder, _LAYER_LIST_NAMES)
         if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
             raise UnsupportedModelError(
@@ -205,6 +206,23 @@ def check_layer_indices(
                 f"0 is the embedding output and {n} is the mature layer, which is always used."
             )
     return layers
+
+
+def _find_decoder(model: nn.Module) -> nn.Module | None:
+    """The module holding the decoder blocks, final norm and (OPT) project_out."""
+    candidates = []
+    if hasattr(model, "get_decoder"):
+        candidates.append(model.get_decoder())
+    # transformers 4.x: GPT-2's get_decoder() returns the LM itself; OPT's returns OPTModel.
+    candidates.append(getattr(model, getattr(model, "base_model_prefix", ""), None))
+    for candidate in list(candidates):
+        candidates.append(getattr(candidate, "decoder", None))
+    for candidate in candidates:
+        if isinstance(candidate, nn.Module) and isinstance(
+            _find_child(candidate, _LAYER_LIST_NAMES), nn.ModuleList
+        ):
+            return candidate
+    return None
 
 
 def _find_child(module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:

@@ -16,7 +16,7 @@ timed pairs; the reported figure is the median of the per-pair estimates, and it
 greedy row of the same batch size.
 
 Peak memory: by default every (row, batch) runs in a fresh subprocess (the model is loaded there,
-from a temporary ``save_pretrained`` copy when the source is a GGUF file or ``--tiny``). After the
+from a pickled copy in a temporary folder when the source is a GGUF file or ``--tiny``). After the
 load, the process's resident-set high-water mark is reset (``echo 5 > /proc/self/clear_refs``,
 Linux >= 4.0), so ``peak MiB`` is the highest RSS reached while the row ran (warm-up and timed
 runs) and ``delta MiB`` is that peak minus the RSS just before the row, i.e. the memory the
@@ -105,12 +105,11 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def _load_for_row(source: str, dtype: torch.dtype, device: str):
-    """Load the model in a row's process; ``source`` is a saved folder or what --model names."""
-    from transformers import AutoModelForCausalLM
-
-    if Path(source, "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        return model.to(device).eval()
+    """Load the model in a row's process: ``source`` is this run's pickled copy or what --model names."""
+    if source.endswith(".pickle"):
+        # Written by _prepare in this run's temporary folder (GGUF-loaded models cannot be
+        # `save_pretrained`), so unpickling it is safe.
+        return torch.load(source, weights_only=False).to(device).eval()
     from contrastive_decoding import load_model
 
     model, _ = load_model(source, dtype=dtype, device=device)
@@ -326,7 +325,7 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[str, Any, Path]:
     if args.tiny:
         model = _tiny_model().to(dtype)
         vocab = model.config.vocab_size
-        source = str(workdir / "model")
+        source = str(workdir / "model.pickle")
     else:
         from contrastive_decoding import DEFAULT_MODEL, load_model
 
@@ -339,9 +338,9 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[str, Any, Path]:
 
             tokenizer = AutoTokenizer.from_pretrained(name)
         vocab = len(tokenizer)
-        source = str(workdir / "model") if needs_copy else name
-    if model is not None and source == str(workdir / "model") and not args.in_process:
-        model.save_pretrained(source)
+        source = str(workdir / "model.pickle") if needs_copy else name
+    if model is not None and source.endswith(".pickle") and not args.in_process:
+        torch.save(model, source)
         model = None
         gc.collect()
     elif model is not None:
@@ -444,6 +443,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_start is not None and not args.device.startswith("cuda") and load_start > 0.5:
+        print(
+            f"# warning: 1-minute load average is {load_start:.2f} before starting; other processes "
+            "compete for the CPU and the timings will be noisy.",
+            file=sys.stderr,
+        )
     started = time.perf_counter()
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_decoding_") as tmp:
@@ -477,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "torch_threads": args.threads or torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_start,
+        "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "isolation": "in-process" if args.in_process else "one subprocess per row",

@@ -358,8 +358,9 @@ def test_final_norm_reference_reproduces_model_logits(tiny_model, family, tokeni
         "gpt_neox": lambda m: m.gpt_neox.layers,
         "opt": lambda m: m.model.decoder.layers,
     }.get(family, lambda m: m.model.layers)(tiny_model)
+    # update() returns None: a forward hook that returns a value would replace the block's output.
     handle = blocks[-1].register_forward_hook(
-        lambda module, args, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out)
+        lambda module, args, out: captured.update(h=out[0] if isinstance(out, tuple) else out)
     )
     try:
         final, _, _ = _unbatched(tiny_model, ids, n_prefix)
