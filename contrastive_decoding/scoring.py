@@ -8,8 +8,10 @@ captured by hooks in the same passes.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,10 @@ def _tokenize(tokenizer, prompt: str, continuations: Sequence[str]) -> tuple[lis
             # The tokenizer merged across the boundary; score the continuation as its own tokens so
             # that the scored tokens are exactly the continuation's.
             full = prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(full) == len(prefix):
+            raise ValueError(
+                f"`continuations[{len(rows)}]` ({text!r}) tokenizes to no tokens after the prompt."
+            )
         rows.append(full)
     return prefix, rows
 
@@ -82,6 +88,7 @@ def score_continuations(
     batch_size: int | None = None,
     floor: float = -1000.0,
     positions_per_chunk: int = 64,
+    share_prefix: bool = True,
 ) -> list[ContinuationScore]:
     """Score each continuation of ``prompt`` by teacher forcing.
 
@@ -103,6 +110,9 @@ def score_continuations(
         batch_size: rows per forward pass (default: all continuations in one pass).
         floor: the score of implausible tokens under ``"normalized"``.
         positions_per_chunk: scored positions per early-exit head product (bounds memory).
+        share_prefix: run the prompt once and the continuations on copies of its KV cache (one
+            pass for the prompt, then one per batch of continuations); ``False`` runs each row's
+            full text (prompt included) in one pass per batch.
 
     Returns:
         One :class:`ContinuationScore` per continuation, in order.
@@ -129,36 +139,26 @@ def score_continuations(
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     step = batch_size or len(rows)
-    start = len(prefix) - 1  # position predicting the first continuation token
     results: list[ContinuationScore] = []
 
     capture = LayerCapture(readout, layers, positions="all") if layers else None
+    prefix_pass = None
     for lo in range(0, len(rows), step):
-        chunk = rows[lo : lo + step]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, row in enumerate(chunk):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        if capture is not None:
-            capture.attach()
-        try:
-            logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, width - start)).logits
-            states = capture.stacked() if capture is not None else None
-        finally:
-            if capture is not None:
-                capture.detach()
-        # logits[:, k] predicts token start + k + 1 (only the last width - start positions kept).
-        logits = logits[:, -(width - start) :]
+        chunk = [row[len(prefix) :] for row in rows[lo : lo + step]]
+        with capture if capture is not None else nullcontext():
+            if not share_prefix:
+                logits, states = _forward_full(model, capture, prefix, chunk, pad_id, device)
+            else:
+                if prefix_pass is None:
+                    prefix_pass = _forward_prefix(model, capture, prefix, device)
+                reuse = lo + step < len(rows)
+                logits, states = _forward_on_prefix(model, capture, prefix_pass, chunk, pad_id, device, reuse)
         # Flatten the (row, position) pairs that score a real continuation token.
         row_idx, pos_idx, targets = [], [], []
-        for i, row in enumerate(chunk):
-            n = len(row) - len(prefix)
-            row_idx += [i] * n
-            pos_idx += list(range(n))
-            targets += row[len(prefix) :]
+        for i, cont in enumerate(chunk):
+            row_idx += [i] * len(cont)
+            pos_idx += list(range(len(cont)))
+            targets += cont
         row_t = torch.tensor(row_idx, device=device)
         pos_t = torch.tensor(pos_idx, device=device)
         target_t = torch.tensor(targets, device=device)
@@ -173,15 +173,15 @@ def score_continuations(
                 states,
                 final,
                 row_t,
-                pos_t + start,
+                pos_t,
                 target_t,
                 protocol,
                 floor,
                 positions_per_chunk,
             )
         offset = 0
-        for i, row in enumerate(chunk):
-            n = len(row) - len(prefix)
+        for i, cont in enumerate(chunk):
+            n = len(cont)
             piece = token_scores[offset : offset + n].cpu()
             used = None if chosen is None else [layers[j] for j in chosen[offset : offset + n].tolist()]
             results.append(
@@ -189,12 +189,70 @@ def score_continuations(
                     continuation=continuations[lo + i],
                     total=float(piece.sum()),
                     token_scores=piece,
-                    token_ids=row[len(prefix) :],
+                    token_ids=cont,
                     premature_layers=used,
                 )
             )
             offset += n
     return results
+
+
+def _padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists into (input_ids, attention_mask)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward_full(model, capture, prefix, conts, pad_id, device):
+    """One pass over prompt + continuation per row.
+
+    Returns logits ``(B, W, V)`` and states ``(J, B, W, H)`` (or ``None``) where position ``k``
+    predicts continuation token ``k``.
+    """
+    ids, mask = _padded([prefix + c for c in conts], pad_id, device)
+    start = len(prefix) - 1  # the position predicting the first continuation token
+    keep = ids.shape[1] - start
+    logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, keep)).logits[:, -keep:]
+    states = capture.stacked()[:, :, start:] if capture is not None else None
+    return logits, states
+
+
+def _forward_prefix(model, capture, prefix, device):
+    """The prompt alone, once: its last-position logits and states, and its KV cache."""
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True, **_logits_to_keep(model, 1))
+    states = capture.stacked()[:, :, -1:] if capture is not None else None
+    return out.logits[:, -1:], states, out.past_key_values
+
+
+def _forward_on_prefix(model, capture, prefix_pass, conts, pad_id, device, reuse_cache):
+    """Every continuation (but its last token) on a copy of the prompt's KV cache.
+
+    Same return convention as :func:`_forward_full`.
+    """
+    prefix_logits, prefix_states, cache = prefix_pass
+    rows = len(conts)
+    logits = [prefix_logits.expand(rows, -1, -1)]
+    states = [prefix_states.expand(-1, rows, -1, -1)] if capture is not None else []
+    if max(len(c) for c in conts) > 1:
+        # The cache grows in place; copy it when other chunks still need the prompt's.
+        cache = copy.deepcopy(cache) if reuse_cache else cache
+        cache.batch_repeat_interleave(rows)
+        tail, tail_mask = _padded([c[:-1] or [pad_id] for c in conts], pad_id, device)
+        tail_mask[:, 0] = 1  # one-token continuations feed a dummy token whose output is unused
+        prompt_mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long, device=device)
+        out = model(
+            input_ids=tail, attention_mask=torch.cat([prompt_mask, tail_mask], 1), past_key_values=cache
+        )
+        logits.append(out.logits)
+        if capture is not None:
+            states.append(capture.stacked())
+    return torch.cat(logits, 1), (torch.cat(states, 2) if capture is not None else None)
 
 
 def _logits_to_keep(model: nn.Module, keep: int) -> dict:

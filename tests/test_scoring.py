@@ -192,10 +192,11 @@ def _check_dola(result, model, family, ids, n_prefix, layers, protocol, final_no
 # ---------------------------------------------------------------------------------------------
 
 
-def test_baseline_matches_unbatched_log_softmax(tiny_model, tokenizer):
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "full-rows"])
+def test_baseline_matches_unbatched_log_softmax(tiny_model, tokenizer, share_prefix):
     n_prefix, rows = _rows(tokenizer)
     before = model_state(tiny_model)
-    results = score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS)
+    results = score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS, share_prefix=share_prefix)
     assert_same_state(before, model_state(tiny_model))
     assert [r.continuation for r in results] == CONTINUATIONS
     for result, ids in zip(results, rows, strict=True):
@@ -231,14 +232,21 @@ DOLA_CASES = {
 }
 
 
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "full-rows"])
 @pytest.mark.parametrize("protocol", ["paper", "normalized"])
 @pytest.mark.parametrize("case", list(DOLA_CASES))
-def test_dola_matches_reference(tiny_model, family, tokenizer, case, protocol):
+def test_dola_matches_reference(tiny_model, family, tokenizer, case, protocol, share_prefix):
     spec, layers = DOLA_CASES[case]
     n_prefix, rows = _rows(tokenizer)
     before = model_state(tiny_model)
     results = score_continuations(
-        tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=DoLa(spec), protocol=protocol
+        tiny_model,
+        tokenizer,
+        PROMPT,
+        CONTINUATIONS,
+        strategy=DoLa(spec),
+        protocol=protocol,
+        share_prefix=share_prefix,
     )
     assert_same_state(before, model_state(tiny_model))
     assert [r.continuation for r in results] == CONTINUATIONS
@@ -418,11 +426,21 @@ def test_one_forward_for_all_continuations(tiny_model, tokenizer, strategy):
     calls = []
     handle = tiny_model.register_forward_pre_hook(lambda module, args: calls.append(1))
     try:
-        score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy)
+        score_continuations(
+            tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy, share_prefix=False
+        )
         assert len(calls) == 1
         calls.clear()
-        score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy, batch_size=2)
+        kwargs = dict(strategy=strategy, batch_size=2, share_prefix=False)
+        score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS, **kwargs)
         assert len(calls) == 3  # ceil(5 / 2)
+        calls.clear()
+        # Shared prefix (default): the prompt once, then one pass per batch of continuations.
+        score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy)
+        assert len(calls) == 2
+        calls.clear()
+        score_continuations(tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy, batch_size=2)
+        assert len(calls) == 1 + 3
     finally:
         handle.remove()
 
