@@ -40,6 +40,7 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
         self.strategy = strategy
         self.readout = LayerReadout.from_model(model)
         self.layers = strategy.premature_layers(self.readout)
+        self._layer_ids = torch.tensor(self.layers)
         self._chosen: list[torch.Tensor] = []
         self._warned_order = False
         self.capture = LayerCapture(self.readout, self.layers, positions="last", keep_logits=True).attach()
@@ -60,7 +61,7 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
         mature = self._mature_logits(scores)
         out = self.strategy.contrast(mature, layer_logits.to(scores.device))
         if out.chosen is not None:
-            self._chosen.append(torch.tensor(self.layers, device=out.chosen.device)[out.chosen])
+            self._chosen.append(self._layer_ids[out.chosen.cpu()])
         if mature is scores:
             return out.scores.to(scores.dtype)
         # Hard masks set by earlier processors (min_new_tokens, bad_words_ids, ...) still hold.
@@ -80,10 +81,9 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
         raw = raw.to(device=scores.device, dtype=torch.float32)
         finite = scores > -torch.inf
         shift = scores.float() - raw
-        spread = torch.where(finite, shift, -torch.inf).amax(-1) - torch.where(finite, shift, torch.inf).amin(
-            -1
-        )
-        if bool((spread <= 1e-4 * (1.0 + raw.abs().amax(-1))).all()):
+        highest = torch.where(finite, shift, -torch.inf).amax(-1)
+        lowest = torch.where(finite, shift, torch.inf).amin(-1)
+        if bool((highest - lowest <= 1e-4 * (1.0 + raw.abs().amax(-1))).all()):
             return raw
         if not self._warned_order:
             self._warned_order = True
@@ -103,7 +103,7 @@ class LayerContrastLogitsProcessor(LogitsProcessor):
         """
         if not self._chosen:
             return torch.empty(0, 0, dtype=torch.long)
-        return torch.stack([c.cpu() for c in self._chosen])
+        return torch.stack(self._chosen)
 
     def reset(self) -> None:
         """Forget the layer history and captured states, e.g. between two ``generate`` calls."""
