@@ -14,12 +14,13 @@ argmax) and are computed in float32.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DIVERGENCES", "layer_divergence"]
+__all__ = ["DIVERGENCES", "divergence_and_log_probs", "layer_divergence"]
 
 DIVERGENCES = ("reference", "jsd")
 
@@ -39,21 +40,37 @@ def layer_divergence(
     Returns:
         ``(num_layers, ...)`` divergences, averaged over the vocabulary.
     """
+    return divergence_and_log_probs(final_logits, layer_logits, kind)[0]
+
+
+def divergence_and_log_probs(
+    final_logits: torch.Tensor,
+    layer_logits: torch.Tensor,
+    kind: Literal["reference", "jsd"] = "reference",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`layer_divergence`, plus the float32 log-softmaxes it computed, for reuse.
+
+    Returns:
+        ``(divergence (J, ...), log_p (..., V), log_q (J, ..., V))``.
+    """
     final_logits = final_logits.float()
     layer_logits = layer_logits.float()
-    log_p = F.log_softmax(final_logits, dim=-1).unsqueeze(0)
+    log_p = F.log_softmax(final_logits, dim=-1)
     log_q = F.log_softmax(layer_logits, dim=-1)
     if kind == "reference":
-        m = 0.5 * (F.softmax(final_logits, dim=-1).unsqueeze(0) + F.softmax(layer_logits, dim=-1))
-        kl1 = F.kl_div(log_p, m, reduction="none").mean(-1)
-        kl2 = F.kl_div(log_q, m, reduction="none").mean(-1)
-        return 0.5 * (kl1 + kl2)
+        # F.kl_div(inp, m) is xlogy(m, m) - m * inp; xlogy(m, m) is shared by both terms. Written
+        # this way (in place where safe) it is bit-identical to two kl_div calls and ~2x faster.
+        m = F.softmax(layer_logits, dim=-1)
+        m.add_(F.softmax(final_logits, dim=-1).unsqueeze(0)).mul_(0.5)
+        xm = torch.special.xlogy(m, m)
+        kl1 = (xm - m * log_p.unsqueeze(0)).mean(-1)
+        kl2 = xm.sub_(m.mul_(log_q)).mean(-1)
+        return 0.5 * (kl1 + kl2), log_p, log_q
     if kind == "jsd":
-        log_m = torch.logsumexp(torch.stack(torch.broadcast_tensors(log_p, log_q)), dim=0) - torch.log(
-            torch.tensor(2.0, device=log_p.device)
-        )
+        lp, lq = torch.broadcast_tensors(log_p.unsqueeze(0), log_q)
+        log_m = torch.logsumexp(torch.stack([lp, lq]), dim=0) - math.log(2.0)
         # p * (log p - log m), with 0 * log 0 taken as 0 where a token has probability 0.
-        kl_pm = torch.where(log_p > -torch.inf, log_p.exp() * (log_p - log_m), 0.0)
-        kl_qm = torch.where(log_q > -torch.inf, log_q.exp() * (log_q - log_m), 0.0)
-        return 0.5 * (kl_pm.mean(-1) + kl_qm.mean(-1))
+        kl_pm = torch.where(lp > -torch.inf, lp.exp() * (lp - log_m), 0.0)
+        kl_qm = torch.where(lq > -torch.inf, lq.exp() * (lq - log_m), 0.0)
+        return 0.5 * (kl_pm.mean(-1) + kl_qm.mean(-1)), log_p, log_q
     raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {kind!r}.")

@@ -175,7 +175,7 @@ class LayerReadout:
         if self.project_out is not None:
             # Needed for shape (hidden size != embedding size), so applied with or without norm.
             hidden = self.project_out(hidden)
-        logits = self.head(hidden)
+        logits = _head_product(self.head, hidden)
         if final_norm and self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
@@ -206,6 +206,47 @@ def check_layer_indices(
                 f"0 is the embedding output and {n} is the mature layer, which is always used."
             )
     return layers
+
+
+_HEAD_SLICE = 2048
+
+
+def _head_product(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden)``, bit for bit, computed in vocabulary slices where that is faster.
+
+    On CPU in float32 with few rows (a decoding step's stacked layers), MKL repacks the whole
+    (vocab, hidden) weight for every small product; slices of ``_HEAD_SLICE`` vocabulary rows keep
+    each packed slice in cache. Every logit gets the same kernel and summation order, so the result
+    equals ``head(hidden)`` exactly (checked with torch.equal for 2-1024 rows, vocab 4k-152k, 1 and 2
+    threads, with and without bias); 8 rows of SmolLM2's 576 x 49152 head take ~12.5 ms instead of
+    ~17.5 ms on 2 cores. Above ~256 rows the product is compute-bound and slicing stops paying;
+    gradients would not be bit-identical, hence the autograd guard.
+    """
+    weight = getattr(head, "weight", None)
+    rows = hidden.numel() // hidden.shape[-1]
+    sliceable = (
+        type(head) is nn.Linear
+        and not (head._forward_hooks or head._forward_pre_hooks or "forward" in head.__dict__)
+        and torch.backends.mkl.is_available()
+        and hidden.device.type == "cpu"
+        and hidden.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and 1 < rows <= 256
+        and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
+        and weight.shape[0] >= 2 * _HEAD_SLICE
+    )
+    if not sliceable:
+        return head(hidden)
+    flat = hidden.reshape(rows, hidden.shape[-1])
+    vocab, bias = weight.shape[0], head.bias
+    starts = list(range(0, vocab - _HEAD_SLICE + 1, _HEAD_SLICE))
+    ends = starts[1:] + [vocab]  # the last slice takes the remainder: a small odd slice breaks bit-identity
+    parts = [
+        nn.functional.linear(flat, weight[a:b], None if bias is None else bias[a:b])
+        for a, b in zip(starts, ends, strict=True)
+    ]
+    return torch.cat(parts, dim=-1).reshape(*hidden.shape[:-1], vocab)
 
 
 def _find_decoder(model: nn.Module) -> nn.Module | None:

@@ -11,21 +11,24 @@ Rows (each at every ``--batch-sizes`` value; batches > 1 are left padded):
 
 Per-token time is ``(time(N new tokens) - time(1 new token)) / (N - 1)``: generating one token is
 the prefill alone, so the difference is N - 1 decoding steps. ``min_new_tokens = max_new_tokens``
-so EOS never stops a run early. Each row has a warm-up run of both lengths, then ``--repeats``
-timed pairs; the reported figure is the median of the per-pair estimates, and its ratio to the
-greedy row of the same batch size.
+so EOS never stops a run early. All rows are timed in this process on one loaded model: each row
+has a warm-up run of both lengths, then ``--repeats`` rounds each time an (N, 1) pair of every row
+in turn (the order rotating between rounds), so a drift in the machine's speed (other processes
+on a shared CPU) hits all rows alike. The figure reported is the median of a row's per-pair
+estimates, with its ratio to the greedy row of the same batch size and the spread (max - min) of
+the estimates relative to it. PyTorch's default thread count is kept unless ``--threads`` is given.
 
-Peak memory: by default every (row, batch) runs in a fresh subprocess (the model is loaded there,
-from a pickled copy in a temporary folder when the source is a GGUF file or ``--tiny``). After the
-load, the process's resident-set high-water mark is reset (``echo 5 > /proc/self/clear_refs``,
-Linux >= 4.0), so ``peak MiB`` is the highest RSS reached while the row ran (warm-up and timed
-runs) and ``delta MiB`` is that peak minus the RSS just before the row, i.e. the memory the
-decoding itself needed on top of the loaded model. Where the high-water mark cannot be reset,
-``ru_maxrss`` is used and includes the model load. On CUDA the figures are
-``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``) and its excess over
-``memory_allocated`` before the row. ``--in-process`` runs every row in this process instead
-(faster; on CPU the allocator may then reuse memory freed by earlier rows, so deltas are lower
-bounds).
+Peak memory (``--memory``): on CPU, by default each (row, batch) runs once more (N tokens, then 1)
+in a fresh subprocess that loads the model (from a pickled copy in a temporary folder when the
+source is a GGUF file or ``--tiny``; GGUF files are slow to dequantise). After the load the
+process's resident-set high-water mark is reset (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0),
+so ``peak MiB`` is the highest RSS reached while the row ran and ``delta MiB`` is that peak minus
+the RSS just before it, i.e. what decoding needed on top of the loaded model. Where the mark cannot
+be reset, ``ru_maxrss`` (which includes the load) is reported. ``in-process`` measures in this
+process instead, cheaper but on CPU the allocator may reuse memory freed by earlier rows, so deltas
+are then lower bounds. On CUDA (default ``in-process``) the figures are
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` and its excess over
+``memory_allocated`` before the row.
 
 Examples:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_decoding.py                 # SmolLM2-135M, CPU
@@ -257,51 +260,81 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_row(model, row: str, inputs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """Warm up, time ``repeats`` (N, 1)-token pairs and record the peak memory of one row."""
-    device = str(model.device)
-    n = args.new_tokens
-    run, layers = _row_call(model, row, inputs, args.static_layer, args.repetition_penalty)
-    memory = PeakMemory(device)
+def _checked(run, length: int, prompt_len: int, row: str) -> None:
+    out = run(length)
+    if out.shape[1] != prompt_len + length:
+        raise RuntimeError(f"{row}: expected {length} new tokens, got an output of shape {tuple(out.shape)}.")
+
+
+def measure_memory(model, row: str, inputs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Peak memory of one row: generate N tokens, then 1 (the same calls as the timed runs)."""
+    run, _ = _row_call(model, row, inputs, args.static_layer, args.repetition_penalty)
+    memory = PeakMemory(str(model.device))
     memory.start()
     with torch.inference_mode():
-        for length in (n, 1):  # warm-up
-            out = run(length)
-            if out.shape[1] != inputs["input_ids"].shape[1] + length:
-                raise RuntimeError(f"{row}: expected {length} new tokens, got {out.shape}.")
-        per_token, t_n, t_1 = [], [], []
-        for _ in range(args.repeats):
-            times = {}
-            for length in (n, 1):
-                _sync(device)
-                start = time.perf_counter()
-                run(length)
-                _sync(device)
-                times[length] = time.perf_counter() - start
-            t_n.append(times[n])
-            t_1.append(times[1])
-            per_token.append((times[n] - times[1]) / (n - 1))
+        for length in (args.new_tokens, 1):
+            _checked(run, length, inputs["input_ids"].shape[1], row)
     peak, delta = memory.stop()
-    return {
-        "row": row,
-        "batch": int(inputs["input_ids"].shape[0]),
-        "prompt_tokens": int(inputs["input_ids"].shape[1]),
-        "layers": layers,
-        "ms_per_token": 1e3 * statistics.median(per_token),
-        "ms_per_token_runs": [1e3 * t for t in per_token],
-        "ms_generate_n": 1e3 * statistics.median(t_n),
-        "ms_prefill": 1e3 * statistics.median(t_1),
-        "peak_mib": peak,
-        "delta_mib": delta,
-        "memory_method": memory.method,
-    }
+    return {"peak_mib": peak, "delta_mib": delta, "memory_method": memory.method}
+
+
+def measure_times(model, inputs: dict[int, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Per-token times of every (row, batch), the repeats interleaved across rows.
+
+    Each repeat times an N-token and a 1-token run of every row in turn (the order rotates between
+    repeats), so a slow drift of the machine's speed affects all rows alike.
+    """
+    device = str(model.device)
+    n = args.new_tokens
+    keys = [(row, b) for b in args.batch_sizes for row in args.rows]
+    calls, results = {}, {}
+    with torch.inference_mode():
+        for row, b in keys:
+            run, layers = _row_call(model, row, inputs[b], args.static_layer, args.repetition_penalty)
+            calls[row, b] = run
+            results[row, b] = {
+                "row": row,
+                "batch": b,
+                "prompt_tokens": int(inputs[b]["input_ids"].shape[1]),
+                "layers": layers,
+                "per_token_s": [],
+                "t_n_s": [],
+                "t_1_s": [],
+            }
+            for length in (n, 1):  # warm-up
+                _checked(run, length, inputs[b]["input_ids"].shape[1], row)
+        for repeat in range(args.repeats):
+            shift = repeat % len(keys)
+            for key in keys[shift:] + keys[:shift]:
+                times = {}
+                for length in (n, 1):
+                    _sync(device)
+                    start = time.perf_counter()
+                    calls[key](length)
+                    _sync(device)
+                    times[length] = time.perf_counter() - start
+                res = results[key]
+                res["t_n_s"].append(times[n])
+                res["t_1_s"].append(times[1])
+                res["per_token_s"].append((times[n] - times[1]) / (n - 1))
+    out = []
+    for key in keys:
+        res = results[key]
+        per_token = res.pop("per_token_s")
+        res["ms_per_token"] = 1e3 * statistics.median(per_token)
+        res["ms_per_token_min"] = 1e3 * min(per_token)
+        res["ms_per_token_runs"] = [1e3 * t for t in per_token]
+        res["ms_generate_n"] = 1e3 * statistics.median(res.pop("t_n_s"))
+        res["ms_prefill"] = 1e3 * statistics.median(res.pop("t_1_s"))
+        out.append(res)
+    return out
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def _child(args: argparse.Namespace) -> None:
-    """Run one (row, batch) in this fresh process and print its result as the last line."""
+    """Measure the peak memory of one (row, batch) in this fresh process; print it as the last line."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -310,67 +343,38 @@ def _child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     model = _load_for_row(args.child_source, _dtype(args.dtype), args.device)
     inputs = torch.load(args.child_inputs)[args.child_batch]
-    result = run_row(model, args.child_row, inputs, args)
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(measure_memory(model, args.child_row, inputs, args)))
 
 
-def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[str, Any, Path]:
-    """Model source for the rows, the model (in-process mode only) and the saved inputs file."""
+def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, Path]:
+    """The model, what a memory subprocess loads, and the saved inputs."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     dtype = _dtype(args.dtype)
     tokenizer = None
-    model = None
+    source = str(workdir / "model.pickle")
     if args.tiny:
         model = _tiny_model().to(dtype)
         vocab = model.config.vocab_size
-        source = str(workdir / "model.pickle")
     else:
         from contrastive_decoding import DEFAULT_MODEL, load_model
 
-        name = args.model
-        needs_copy = name == DEFAULT_MODEL or name.endswith(".gguf")
-        if needs_copy or args.in_process:
-            model, tokenizer = load_model(name, dtype=dtype, device="cpu" if needs_copy else args.device)
-        else:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name)
+        model, tokenizer = load_model(args.model, dtype=dtype)
         vocab = len(tokenizer)
-        source = str(workdir / "model.pickle") if needs_copy else name
-    if model is not None and source.endswith(".pickle") and not args.in_process:
+        if not (args.model == DEFAULT_MODEL or args.model.endswith(".gguf")):
+            source = args.model  # loads quickly; GGUF files are dequantised on every load
+    if args.memory == "subprocess" and source.endswith(".pickle"):
         torch.save(model, source)
-        model = None
-        gc.collect()
-    elif model is not None:
-        model = model.to(args.device)
     inputs_path = workdir / "inputs.pt"
     torch.save(_build_inputs(tokenizer, args.batch_sizes, vocab), inputs_path)
-    return source, model, inputs_path
+    return model.to(args.device).eval(), source, inputs_path
 
 
-def _run_subprocess(args, row: str, batch: int, source: str, inputs_path: Path) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child-row",
-        row,
-        "--child-batch",
-        str(batch),
-        "--child-source",
-        source,
-        "--child-inputs",
-        str(inputs_path),
-        "--device",
-        args.device,
-        "--dtype",
-        args.dtype,
-        "--new-tokens",
-        str(args.new_tokens),
-        "--repeats",
-        str(args.repeats),
-    ]
+def _memory_subprocess(args, row: str, batch: int, source: str, inputs_path: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-row", row, "--child-batch", str(batch)]
+    cmd += ["--child-source", source, "--child-inputs", str(inputs_path), "--device", args.device]
+    cmd += ["--dtype", args.dtype, "--new-tokens", str(args.new_tokens)]
     if args.static_layer is not None:
         cmd += ["--static-layer", str(args.static_layer)]
     if args.threads:
@@ -381,23 +385,27 @@ def _run_subprocess(args, row: str, batch: int, source: str, inputs_path: Path) 
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"row {row!r} batch {batch} failed (exit {proc.returncode}).")
+        raise RuntimeError(f"memory run of {row!r} at batch {batch} failed (exit {proc.returncode}).")
     return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _table(results: list[dict[str, Any]]) -> str:
     greedy = {r["batch"]: r["ms_per_token"] for r in results if r["row"] == "greedy"}
     lines = [
-        "| row | batch | ms/token | x greedy | peak MiB | delta MiB | layers |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| row | batch | ms/token | x greedy | spread | peak MiB | delta MiB | layers |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         base = greedy.get(r["batch"])
         ratio = f"{r['ms_per_token'] / base:.3f}" if base else "-"
+        runs = r["ms_per_token_runs"]
+        spread = f"{100 * (max(runs) - min(runs)) / r['ms_per_token']:.0f}%" if r["ms_per_token"] > 0 else "-"
         layers = ",".join(map(str, r["layers"])) if r["layers"] else "-"
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        delta = f"{r['delta_mib']:.1f}" if "delta_mib" in r else "-"
         lines.append(
-            f"| {r['row']} | {r['batch']} | {r['ms_per_token']:.2f} | {ratio} | "
-            f"{r['peak_mib']:.0f} | {r['delta_mib']:.1f} | {layers} |"
+            f"| {r['row']} | {r['batch']} | {r['ms_per_token']:.2f} | {ratio} | {spread} | "
+            f"{peak} | {delta} | {layers} |"
         )
     return "\n".join(lines)
 
@@ -422,7 +430,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--repetition-penalty", type=float, default=None, help="applied to every row")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--in-process", action="store_true", help="run all rows here (no subprocesses)")
+    parser.add_argument(
+        "--memory",
+        choices=("subprocess", "in-process", "off"),
+        default=None,
+        help="how peak memory is measured (default: subprocess on CPU, in-process on CUDA)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also save the results as JSON here")
     for hidden in ("--child-row", "--child-source", "--child-inputs"):
         parser.add_argument(hidden, default=None, help=argparse.SUPPRESS)
@@ -434,14 +447,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be at least 1.")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available.")
-    if "greedy" not in args.rows:
-        args.rows = ["greedy", *args.rows]
-
+    if args.memory is None:
+        args.memory = "in-process" if args.device.startswith("cuda") else "subprocess"
+    args.rows = ["greedy", *[r for r in ROWS if r in args.rows and r != "greedy"]]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child_row is not None:
         _child(args)
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if load_start is not None and not args.device.startswith("cuda") and load_start > 0.5:
@@ -451,24 +464,30 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     started = time.perf_counter()
-    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_decoding_") as tmp:
-        source, model, inputs_path = _prepare(args, Path(tmp))
+        model, source, inputs_path = _prepare(args, Path(tmp))
         inputs = torch.load(inputs_path)
-        for batch in args.batch_sizes:
-            for row in args.rows:
-                if args.in_process:
-                    result = run_row(model, row, inputs[batch], args)
-                else:
-                    result = _run_subprocess(args, row, batch, source, inputs_path)
-                results.append(result)
-                print(
-                    f"# {row:16s} batch {batch}: {result['ms_per_token']:8.2f} ms/token "
-                    f"(runs {', '.join(f'{t:.1f}' for t in result['ms_per_token_runs'])}), "
-                    f"peak {result['peak_mib']:.0f} MiB",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        print(f"# loaded in {time.perf_counter() - started:.0f} s; timing...", file=sys.stderr, flush=True)
+        results = measure_times(model, inputs, args)
+        for r in results:
+            runs = ", ".join(f"{t:.1f}" for t in r["ms_per_token_runs"])
+            print(
+                f"# {r['row']:16s} batch {r['batch']}: {r['ms_per_token']:8.2f} ms/token ({runs})",
+                file=sys.stderr,
+            )
+        if args.memory == "subprocess":
+            del model
+            gc.collect()
+        for r in results if args.memory != "off" else []:
+            if args.memory == "subprocess":
+                r.update(_memory_subprocess(args, r["row"], r["batch"], source, inputs_path))
+            else:
+                r.update(measure_memory(model, r["row"], inputs[r["batch"]], args))
+            print(
+                f"# {r['row']:16s} batch {r['batch']}: peak {r['peak_mib']:.0f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
 
     import transformers
 
@@ -481,22 +500,24 @@ def main(argv: list[str] | None = None) -> None:
             else platform.processor() or platform.machine()
         ),
         "dtype": args.dtype,
-        "torch_threads": args.threads or torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
-        "isolation": "in-process" if args.in_process else "one subprocess per row",
-        "memory_method": results[0]["memory_method"] if results else None,
+        "timing": "in-process, repeats interleaved across rows",
+        "memory": args.memory,
+        "memory_method": results[0].get("memory_method") if results else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "wall_s": time.perf_counter() - started,
     }
     print(
         f"Model {meta['model']} ({args.dtype}) on {args.device}, {meta['torch_threads']} torch threads; "
-        f"{args.new_tokens} new tokens, median of {args.repeats}; "
-        f"ms/token = (t(N) - t(1)) / (N - 1); memory: {meta['memory_method']}, {meta['isolation']}."
+        f"{args.new_tokens} new tokens, median of {args.repeats} interleaved repeats; "
+        f"ms/token = (t(N) - t(1)) / (N - 1); spread = (max - min) / median of the repeats; "
+        f"memory: {meta['memory_method'] or 'not measured'} ({args.memory})."
     )
     print()
     print(_table(results))

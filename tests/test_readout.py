@@ -91,3 +91,15 @@ def test_layer_validation_messages(tiny_model):
         readout.check_layers([])
     with pytest.raises(ValueError, match="integer layer indices"):
         readout.check_layers(["2"])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [2, 8, 64, 300])
+def test_sliced_head_product_is_bit_identical(rows, bias):
+    from contrastive_decoding.readout import _head_product
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 10_003, bias=bias)
+    hidden = torch.randn(rows // 2, 2, 64) * 5
+    with torch.no_grad():
+        assert torch.equal(_head_product(head, hidden), head(hidden))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..divergence import DIVERGENCES, layer_divergence
+from ..divergence import DIVERGENCES, divergence_and_log_probs
 from ..plausibility import check_relative_top, plausible_mask
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout, check_layer_indices
@@ -134,25 +134,24 @@ class DoLa(LayerContrastStrategy):
     def premature_layers(self, readout: LayerReadout) -> list[int]:
         return dola_candidate_layers(self.dola_layers, readout.num_layers, readout.tied_embeddings)
 
-    def _choose(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> torch.Tensor:
-        """Index into the candidate list per row: ``(rows,)``."""
+    def _choose(
+        self, final_logits: torch.Tensor, layer_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row: the index into the candidate list, and the float32 log-softmaxes of the final
+        and of the chosen premature logits, ``((rows,), (rows, V), (rows, V))``."""
         rows = final_logits.shape[0]
+        row_ids = torch.arange(rows, device=final_logits.device)
         if layer_logits.shape[0] == 1:
-            return torch.zeros(rows, dtype=torch.long, device=final_logits.device)
-        div = layer_divergence(final_logits, layer_logits, self.divergence)  # (J, rows)
-        if self.layer_choice == "batch_mean":
-            return div.mean(-1).argmax().expand(rows)
-        return div.argmax(0)
-
-    def _premature(self, layer_logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        rows = torch.arange(index.shape[0], device=index.device)
-        return layer_logits[index, rows].float()
+            index = torch.zeros(rows, dtype=torch.long, device=final_logits.device)
+            final_lp = F.log_softmax(final_logits.float(), dim=-1)
+            return index, final_lp, F.log_softmax(layer_logits[0].float(), dim=-1)
+        div, final_lp, layer_lp = divergence_and_log_probs(final_logits, layer_logits, self.divergence)
+        index = div.mean(-1).argmax().expand(rows) if self.layer_choice == "batch_mean" else div.argmax(0)
+        # Slicing the batched log-softmax is bit-identical to recomputing it for the chosen rows.
+        return index, final_lp, layer_lp[index, row_ids]
 
     def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
-        final_logits = final_logits.float()
-        index = self._choose(final_logits, layer_logits)
-        final_lp = F.log_softmax(final_logits, dim=-1)
-        base_lp = F.log_softmax(self._premature(layer_logits, index), dim=-1)
+        index, final_lp, base_lp = self._choose(final_logits, layer_logits)
         keep = plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep)
         scores = torch.where(keep, final_lp - base_lp, -torch.inf)
         return ContrastOutput(scores, index)
@@ -167,10 +166,8 @@ class DoLa(LayerContrastStrategy):
     ) -> ContrastOutput:
         if protocol not in SCORING_PROTOCOLS:
             raise ValueError(f"`protocol` must be one of {SCORING_PROTOCOLS}, got {protocol!r}.")
-        final_logits = final_logits.float()
-        index = self._choose(final_logits, layer_logits)
-        final_lp = F.log_softmax(final_logits, dim=-1)
-        diff = final_lp - F.log_softmax(self._premature(layer_logits, index), dim=-1)
+        index, final_lp, base_lp = self._choose(final_logits, layer_logits)
+        diff = final_lp - base_lp
         if protocol == "normalized":
             # DoLa's FACTOR scoring: renormalise the contrast, then floor implausible tokens.
             diff = F.log_softmax(diff, dim=-1)
