@@ -45,8 +45,9 @@ class ContinuationScore:
 
 
 def _tokenize(tokenizer, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """The prompt's tokens and, for each continuation, the tokens that follow them."""
     prefix = tokenizer(prompt)["input_ids"]
-    rows = []
+    conts = []
     for text in continuations:
         full = tokenizer(prompt + text)["input_ids"]
         if full[: len(prefix)] != prefix:
@@ -55,10 +56,10 @@ def _tokenize(tokenizer, prompt: str, continuations: Sequence[str]) -> tuple[lis
             full = prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(full) == len(prefix):
             raise ValueError(
-                f"`continuations[{len(rows)}]` ({text!r}) tokenizes to no tokens after the prompt."
+                f"`continuations[{len(conts)}]` ({text!r}) tokenizes to no tokens after the prompt."
             )
-        rows.append(full)
-    return prefix, rows
+        conts.append(full[len(prefix) :])
+    return prefix, conts
 
 
 def _check_inputs(prompt: str, continuations: Sequence[str], protocol: str, batch_size: int | None) -> None:
@@ -130,7 +131,7 @@ def score_continuations(
     readout = LayerReadout.from_model(model)
     layers = strategy.premature_layers(readout) if strategy is not None else []
 
-    prefix, rows = _tokenize(tokenizer, prompt, continuations)
+    prefix, conts = _tokenize(tokenizer, prompt, continuations)
     if not prefix:
         raise ValueError(
             "`prompt` tokenizes to no tokens; the first continuation token needs a context "
@@ -138,20 +139,20 @@ def score_continuations(
         )
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    step = batch_size or len(rows)
+    step = batch_size or len(conts)
     results: list[ContinuationScore] = []
 
     capture = LayerCapture(readout, layers, positions="all") if layers else None
     prefix_pass = None
-    for lo in range(0, len(rows), step):
-        chunk = [row[len(prefix) :] for row in rows[lo : lo + step]]
+    for lo in range(0, len(conts), step):
+        chunk = conts[lo : lo + step]
         with capture if capture is not None else nullcontext():
             if not share_prefix:
                 logits, states = _forward_full(model, capture, prefix, chunk, pad_id, device)
             else:
                 if prefix_pass is None:
                     prefix_pass = _forward_prefix(model, capture, prefix, device)
-                reuse = lo + step < len(rows)
+                reuse = lo + step < len(conts)
                 logits, states = _forward_on_prefix(model, capture, prefix_pass, chunk, pad_id, device, reuse)
         # Flatten the (row, position) pairs that score a real continuation token.
         row_idx, pos_idx, targets = [], [], []

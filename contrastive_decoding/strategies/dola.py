@@ -140,7 +140,6 @@ class DoLa(LayerContrastStrategy):
         """Per row: the index into the candidate list, and the float32 log-softmaxes of the final
         and of the chosen premature logits, ``((rows,), (rows, V), (rows, V))``."""
         rows = final_logits.shape[0]
-        row_ids = torch.arange(rows, device=final_logits.device)
         if layer_logits.shape[0] == 1:
             index = torch.zeros(rows, dtype=torch.long, device=final_logits.device)
             final_lp = F.log_softmax(final_logits.float(), dim=-1)
@@ -148,7 +147,7 @@ class DoLa(LayerContrastStrategy):
         div, final_lp, layer_lp = divergence_and_log_probs(final_logits, layer_logits, self.divergence)
         index = div.mean(-1).argmax().expand(rows) if self.layer_choice == "batch_mean" else div.argmax(0)
         # Slicing the batched log-softmax is bit-identical to recomputing it for the chosen rows.
-        return index, final_lp, layer_lp[index, row_ids]
+        return index, final_lp, layer_lp[index, torch.arange(rows, device=index.device)]
 
     def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
         index, final_lp, base_lp = self._choose(final_logits, layer_logits)
