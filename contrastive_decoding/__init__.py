@@ -4,19 +4,31 @@ Strategies contrast what a model predicts at different depths of its own layer s
 generation time and with no training. See the README for the API and examples.
 """
 
+from .amateur import Amateur
 from .capture import LayerCapture
 from .divergence import layer_divergence
-from .generation import contrast_generate, dola_generate
+from .generation import contrast_generate, dola_generate, strategy_generate
 from .loading import DEFAULT_MODEL, embedded_model_file, load_model
 from .plausibility import plausible_mask
-from .processor import LayerContrastLogitsProcessor, StreamContrastLogitsProcessor
+from .processor import ContrastLogitsProcessor, LayerContrastLogitsProcessor, StreamContrastLogitsProcessor
 from .readout import TESTED_MODEL_TYPES, LayerReadout, UnsupportedModelError
 from .scoring import ContinuationScore, score_continuations
+from .sources import ContrastSources
 from .strategies.acd import AutoContrastive, AutoContrastiveLogitsProcessor
-from .strategies.base import ContrastOutput, LayerContrastStrategy, StreamContrastStrategy
+from .strategies.amateur_cd import ContrastiveDecoding
+from .strategies.base import (
+    ContrastInputs,
+    ContrastOutput,
+    ContrastStrategy,
+    LayerContrastStrategy,
+    StreamContrastStrategy,
+)
+from .strategies.compose import WeightedContrast
 from .strategies.deco import DeCo, DeCoLogitsProcessor
 from .strategies.dola import DoLa, DoLaLogitsProcessor, dola_candidate_layers
+from .strategies.icd import InducedContrast
 from .strategies.layercake import LayerCake, LayerCakeLogitsProcessor, layercake_generate
+from .strategies.lol import LowerLayerFusion
 from .strategies.sled import SLED, SLEDLogitsProcessor
 from .strategies.vista import VistaLogits, VistaLogitsProcessor
 from .streams import StreamBatch, StreamRunner
@@ -26,6 +38,15 @@ from .token_classes import TOKEN_CLASSES, TokenClassifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "ContrastiveDecoding",
+    "InducedContrast",
+    "LowerLayerFusion",
+    "WeightedContrast",
+    "Amateur",
+    "ContrastInputs",
+    "ContrastLogitsProcessor",
+    "ContrastSources",
+    "ContrastStrategy",
     "AttentionSuppression",
     "AutoContrastive",
     "AutoContrastiveLogitsProcessor",
@@ -65,4 +86,5 @@ __all__ = [
     "load_model",
     "plausible_mask",
     "score_continuations",
+    "strategy_generate",
 ]

@@ -16,12 +16,11 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .capture import LayerCapture
-from .readout import LayerReadout
-from .strategies.base import ContrastOutput, LayerContrastStrategy, StreamContrastStrategy
+from .sources import ContrastSources
+from .strategies.base import ContrastStrategy
 from .strategies.dola import DoLa, DoLaLayers
 
-__all__ = ["contrast_generate", "dola_generate"]
+__all__ = ["contrast_generate", "dola_generate", "strategy_generate"]
 
 
 def _check_loop_options(generation_config: GenerationConfig, loop_name: str) -> None:
@@ -41,39 +40,9 @@ def _check_loop_options(generation_config: GenerationConfig, loop_name: str) -> 
         raise ValueError(f"{loop_name} does not support assisted decoding (`assistant_model`).")
 
 
-class _LayerSource:
-    """Early exits of the premature layers, captured during each step's forward."""
-
-    def __init__(self, model: nn.Module, strategy: LayerContrastStrategy, device: torch.device) -> None:
-        self.strategy = strategy
-        self.readout = LayerReadout.from_model(model)
-        layers = strategy.premature_layers(self.readout)
-        self.layer_ids = torch.tensor(layers, device=device)
-        self.probe = LayerCapture(self.readout, layers, positions="last")
-
-    def contrast(self, final_logits: torch.Tensor) -> tuple[ContrastOutput, torch.Tensor | None]:
-        hidden = self.probe.stacked()
-        layer_logits = self.readout.early_exit_logits(hidden, final_norm=self.strategy.final_norm)
-        out = self.strategy.contrast(final_logits, layer_logits.to(final_logits.device))
-        chosen = None if out.chosen is None else self.layer_ids[out.chosen.to(self.layer_ids.device)]
-        return out, chosen
-
-
-class _StreamSource:
-    """Degraded streams run as extra rows of each step's forward."""
-
-    def __init__(self, model: nn.Module, strategy: StreamContrastStrategy, classifier) -> None:
-        self.strategy = strategy
-        self.probe = strategy.runner(model, classifier)
-
-    def contrast(self, final_logits: torch.Tensor) -> tuple[ContrastOutput, torch.Tensor | None]:
-        stream_logits = self.probe.stacked()[:, :, -1].to(dtype=torch.float32, device=final_logits.device)
-        return self.strategy.contrast(final_logits, stream_logits), None
-
-
 def contrast_generate(
     model: nn.Module,
-    strategy: LayerContrastStrategy | StreamContrastStrategy,
+    strategy: ContrastStrategy,
     input_ids: torch.LongTensor,
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
@@ -81,32 +50,30 @@ def contrast_generate(
     synced_gpus: bool = False,
     streamer: Any = None,
     classifier: Any = None,
+    tokenizer: Any = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """Greedy search / sampling where each step's mature logits are contrasted by ``strategy``.
 
     The arguments after ``strategy`` are the ones ``generate`` passes to a ``custom_generate``
     callable; ``classifier`` (the tokenizer, a TokenClassifier or a callable) is needed by
-    strategies with degraded streams, such as LayerCake. With ``return_dict_in_generate=True`` the
+    strategies with degraded streams, such as LayerCake, and ``tokenizer`` by an amateur whose
+    prefix is text (either one may be the tokenizer). With ``return_dict_in_generate=True`` the
     output also carries ``premature_layers``, the layer used at each step for each row,
     ``(batch, steps)``, for strategies that choose layers.
     """
     loop_name = f"the {type(strategy).__name__} generate loop"
     _check_loop_options(generation_config, loop_name)
-    if isinstance(strategy, StreamContrastStrategy):
-        if classifier is None:
-            raise ValueError(
-                f"{loop_name} needs `classifier=`: the model's tokenizer, a TokenClassifier, or a "
-                "callable mapping token ids to classes."
-            )
+    if tokenizer is None:
+        tokenizer = model_kwargs.pop("tokenizer", None)
+    source = ContrastSources(model, strategy, tokenizer, classifier)
+    if source.streams is not None or source.amateur is not None:
         cache = model_kwargs.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
-                f"{loop_name} needs a cache with a row per stream; do not pass a filled `past_key_values`."
+                f"{loop_name} keeps a cache row per stream; do not pass a filled `past_key_values`."
             )
-        source = _StreamSource(model, strategy, classifier)
-    else:
-        source = _LayerSource(model, strategy, input_ids.device)
+    layer_ids = torch.tensor(source.layers, dtype=torch.long, device=input_ids.device)
 
     pad_token_id = generation_config._pad_token_tensor
     has_eos_stopping_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -128,7 +95,7 @@ def contrast_generate(
     if not new_api:
         model_kwargs = model._get_initial_cache_position(cur_len, input_ids.device, model_kwargs)
 
-    with source.probe:
+    with source:
         first_step = True
         while model._has_unfinished_sequences(this_peer_finished, synced_gpus, device=input_ids.device):
             if new_api and first_step and hasattr(model, "_prefill"):
@@ -152,9 +119,9 @@ def contrast_generate(
             final_logits = outputs.logits[:, -1, :].to(
                 copy=True, dtype=torch.float32, device=input_ids.device
             )
-            contrast, chosen = source.contrast(final_logits)
-            if chosen is not None:
-                chosen_history.append(chosen)
+            contrast = strategy.step(source.step_inputs(final_logits, input_ids))
+            if contrast.chosen is not None:
+                chosen_history.append(layer_ids[contrast.chosen.to(layer_ids.device)])
             next_token_scores = logits_processor(input_ids, contrast.scores)
 
             if scores is not None:
@@ -190,6 +157,48 @@ def contrast_generate(
     if chosen_history:
         output["premature_layers"] = torch.stack(chosen_history, dim=1)
     return output
+
+
+def strategy_generate(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    strategy: ContrastStrategy | None = None,
+    **model_kwargs: Any,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """Any strategy as a ``custom_generate`` callable: ``generate(custom_generate=strategy_generate,
+    strategy=...)``; pass ``tokenizer=`` too for degraded streams or an amateur with a text prefix.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from contrastive_decoding import VistaLogits, strategy_generate
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
+        >>> out = model.generate(torch.tensor([[1, 5, 9]]), custom_generate=strategy_generate,
+        ...     strategy=VistaLogits(), max_new_tokens=4, do_sample=False)
+        >>> out.shape
+        torch.Size([1, 7])
+    """
+    if strategy is None:
+        raise ValueError(
+            "strategy_generate needs `strategy=`, e.g. DoLa('high') or a ContrastStrategy subclass."
+        )
+    return contrast_generate(
+        model,
+        strategy,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        synced_gpus=synced_gpus,
+        streamer=streamer,
+        **model_kwargs,
+    )
 
 
 def dola_generate(

@@ -1,10 +1,10 @@
 """Contrast strategies as `LogitsProcessor`s for stock ``model.generate``.
 
-:class:`LayerContrastLogitsProcessor`'s hooks record the premature layers' last-position states
-during each step's forward; ``__call__`` turns them into early-exit logits with one head product for
-all layers and lets the strategy contrast them with the mature logits.
-:class:`StreamContrastLogitsProcessor` runs degraded streams as extra rows of each forward and
-contrasts the intact stream's logits with theirs.
+:class:`ContrastLogitsProcessor` attaches what its strategy declares (see
+:class:`~contrastive_decoding.ContrastSources`) when it is built: hooks that record the declared
+layers' last-position states during each step's forward, degraded streams run as extra rows of each
+forward, an amateur stream run beside it. ``__call__`` hands them to the strategy with the model's
+own logits and returns the contrasted scores.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from .capture import LayerCapture
-from .readout import LayerReadout
-from .strategies.base import LayerContrastStrategy, StreamContrastStrategy
+from .sources import ContrastSources
+from .strategies.base import ContrastStrategy, LayerContrastStrategy, StreamContrastStrategy
 
-__all__ = ["LayerContrastLogitsProcessor", "StreamContrastLogitsProcessor"]
+__all__ = ["ContrastLogitsProcessor", "LayerContrastLogitsProcessor", "StreamContrastLogitsProcessor"]
 
 
 class _ContrastLogitsProcessor(LogitsProcessor):
@@ -72,12 +71,85 @@ class _ContrastLogitsProcessor(LogitsProcessor):
             )
         return scores
 
+
+class ContrastLogitsProcessor(_ContrastLogitsProcessor):
+    """Apply any :class:`~contrastive_decoding.ContrastStrategy` inside stock ``model.generate``.
+
+    What the strategy declares is attached when the processor is built (after every argument is
+    validated) and removed by :meth:`detach`, or on leaving a ``with`` block, leaving the model
+    exactly as it was. The mature logits are the model's own, recorded by a hook; tokens that
+    earlier processors set to ``-inf`` (``min_new_tokens``, ``bad_words_ids``) stay ``-inf``.
+    Processors that should act on the contrasted scores (DoLa's repetition penalty) go after it:
+    pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
+    Strategies with only layers work with greedy search, sampling and beam search; degraded streams
+    and amateurs keep a cache row per sequence, so beam search is refused with a clear error.
+
+    Args:
+        model: the causal LM that ``generate`` runs.
+        strategy: the strategy, e.g. :class:`~contrastive_decoding.DoLa` or a user subclass.
+        tokenizer: the model's tokenizer, for strategies with degraded streams (token classes) or
+            an amateur with a text prefix.
+        classifier: token classes for degraded streams, if not the tokenizer's: a
+            :class:`~contrastive_decoding.TokenClassifier` or a callable mapping token ids to classes.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+        >>> from contrastive_decoding import ContrastLogitsProcessor, VistaLogits
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
+        >>> with ContrastLogitsProcessor(model, VistaLogits()) as vista:
+        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False,
+        ...         logits_processor=LogitsProcessorList([vista]))
+        >>> out.shape
+        torch.Size([1, 7])
+    """
+
+    def __init__(self, model: nn.Module, strategy: ContrastStrategy, tokenizer=None, classifier=None) -> None:
+        self.strategy = strategy
+        self.sources = ContrastSources(
+            model, strategy, tokenizer, classifier, positions="last", keep_logits=True
+        )
+        self.readout = self.sources.readout
+        self.layers = self.sources.layers
+        self._layer_ids = torch.tensor(self.layers, dtype=torch.long)
+        self._chosen: list[torch.Tensor] = []
+        self.sources.__enter__()
+
     @property
     def attached(self) -> bool:
-        raise NotImplementedError
+        return self.sources.attached
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        raw = self.sources.logits if self.attached else None
+        self._check_call(raw.shape[0] if raw is not None else scores.shape[0], scores)
+        if raw is None:
+            raise RuntimeError(f"{type(self).__name__} was called before any forward pass of its model.")
+        mature = self._mature_logits(raw, scores)
+        inputs = self.sources.step_inputs(mature.float(), input_ids)
+        out = self.strategy.step(inputs)
+        if out.chosen is not None:
+            self._chosen.append(self._layer_ids[out.chosen.cpu()])
+        return self._finish(scores, mature, out.scores)
+
+    @property
+    def chosen_layers(self) -> torch.Tensor:
+        """Layer used at each step for each row, ``(steps, rows)``, for strategies that choose one
+        (since the last reset). Under beam search the rows are the beams alive at that step."""
+        if not self._chosen:
+            return torch.empty(0, 0, dtype=torch.long)
+        return torch.stack(self._chosen)
+
+    def reset(self) -> None:
+        """Forget the layer history and recorded states, e.g. between two ``generate`` calls."""
+        self._chosen.clear()
+        self.sources.clear()
+        if self.sources.amateur is not None:
+            self.sources.amateur._reset()
 
     def detach(self) -> None:
-        raise NotImplementedError
+        """Detach everything; the model is left exactly as it was before the processor was built."""
+        self.sources.__exit__()
 
     def __enter__(self):
         return self
@@ -86,14 +158,9 @@ class _ContrastLogitsProcessor(LogitsProcessor):
         self.detach()
 
 
-class LayerContrastLogitsProcessor(_ContrastLogitsProcessor):
-    """Apply a :class:`LayerContrastStrategy` inside stock ``model.generate``.
-
-    Hooks are attached when the processor is built (after every argument is validated) and removed
-    by :meth:`detach`, or on leaving a ``with`` block. The mature logits are the model's own, captured
-    by a hook; tokens that earlier processors set to ``-inf`` (``min_new_tokens``, ``bad_words_ids``)
-    stay ``-inf``. Processors that should act on the contrasted scores (DoLa's repetition penalty) go
-    after it: pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
+class LayerContrastLogitsProcessor(ContrastLogitsProcessor):
+    """Apply a :class:`~contrastive_decoding.LayerContrastStrategy` (early exits only) inside stock
+    ``model.generate``; see :class:`ContrastLogitsProcessor`.
 
     Args:
         model: the causal LM whose layers are contrasted (the one that ``generate`` runs).
@@ -101,49 +168,12 @@ class LayerContrastLogitsProcessor(_ContrastLogitsProcessor):
     """
 
     def __init__(self, model: nn.Module, strategy: LayerContrastStrategy) -> None:
-        self.strategy = strategy
-        self.readout = LayerReadout.from_model(model)
-        self.layers = strategy.premature_layers(self.readout)
-        self._layer_ids = torch.tensor(self.layers)
-        self._chosen: list[torch.Tensor] = []
-        self.capture = LayerCapture(self.readout, self.layers, positions="last", keep_logits=True).attach()
-
-    @property
-    def attached(self) -> bool:
-        return self.capture.attached
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        states = self.capture.stacked() if self.attached else None
-        self._check_call(states.shape[1] if states is not None else scores.shape[0], scores)
-        layer_logits = self.readout.early_exit_logits(states, final_norm=self.strategy.final_norm)
-        mature = self._mature_logits(self.capture.logits, scores)
-        out = self.strategy.contrast(mature, layer_logits.to(scores.device))
-        if out.chosen is not None:
-            self._chosen.append(self._layer_ids[out.chosen.cpu()])
-        return self._finish(scores, mature, out.scores)
-
-    @property
-    def chosen_layers(self) -> torch.Tensor:
-        """Premature layer used at each step for each row, ``(steps, rows)`` (since the last reset).
-
-        Under beam search the rows are the beams alive at that step, not the final sequences.
-        """
-        if not self._chosen:
-            return torch.empty(0, 0, dtype=torch.long)
-        return torch.stack(self._chosen)
-
-    def reset(self) -> None:
-        """Forget the layer history and captured states, e.g. between two ``generate`` calls."""
-        self._chosen.clear()
-        self.capture.clear()
-
-    def detach(self) -> None:
-        """Remove the hooks; the model is left exactly as it was before the processor was built."""
-        self.capture.detach()
+        super().__init__(model, strategy)
 
 
-class StreamContrastLogitsProcessor(_ContrastLogitsProcessor):
-    """Apply a :class:`StreamContrastStrategy` (e.g. LayerCake) inside stock ``model.generate``.
+class StreamContrastLogitsProcessor(ContrastLogitsProcessor):
+    """Apply a :class:`~contrastive_decoding.StreamContrastStrategy` (e.g. LayerCake) inside stock
+    ``model.generate``; see :class:`ContrastLogitsProcessor`.
 
     Building it attaches the streams (every forward of the model then runs the intact rows and the
     degraded copies as one batch) and the attention suppression; :meth:`detach` or leaving the
@@ -157,25 +187,4 @@ class StreamContrastLogitsProcessor(_ContrastLogitsProcessor):
     """
 
     def __init__(self, model: nn.Module, strategy: StreamContrastStrategy, classifier) -> None:
-        self.strategy = strategy
-        self.runner = strategy.runner(model, classifier).__enter__()
-
-    @property
-    def attached(self) -> bool:
-        return self.runner.attached
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = self.runner.batch.logits if self.attached else None
-        self._check_call(logits.shape[1] if logits is not None else scores.shape[0], scores)
-        if logits is None:
-            raise RuntimeError(f"{type(self).__name__} was called before any forward pass of its model.")
-        mature = self._mature_logits(logits[0, :, -1], scores)
-        out = self.strategy.contrast(mature, logits[1:, :, -1].to(scores.device))
-        return self._finish(scores, mature, out.scores)
-
-    def reset(self) -> None:
-        """Nothing to forget between ``generate`` calls (each starts a new cache); kept for symmetry."""
-
-    def detach(self) -> None:
-        """Remove the streams and the attention suppression; the model is left exactly as it was."""
-        self.runner.__exit__()
+        super().__init__(model, strategy, classifier=classifier)

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import LayerCapture
-from .readout import LayerReadout
-from .strategies.base import SCORING_PROTOCOLS, LayerContrastStrategy, ScoringProtocol, StreamContrastStrategy
+from .sources import ContrastSources
+from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
 
 __all__ = ["ContinuationScore", "score_continuations"]
 
@@ -84,7 +83,7 @@ def score_continuations(
     tokenizer,
     prompt: str,
     continuations: Sequence[str],
-    strategy: LayerContrastStrategy | StreamContrastStrategy | None = None,
+    strategy: ContrastStrategy | None = None,
     protocol: ScoringProtocol = "paper",
     batch_size: int | None = None,
     floor: float = -1000.0,
@@ -102,11 +101,13 @@ def score_continuations(
         tokenizer: its tokenizer.
         prompt: the shared context.
         continuations: the candidate continuations (non-empty strings).
-        strategy: ``None`` for plain log-likelihood, or a strategy such as
+        strategy: ``None`` for plain log-likelihood, or any
+            :class:`~contrastive_decoding.ContrastStrategy`, such as
             :class:`~contrastive_decoding.DoLa` (dynamic layer choice per token) or
             :class:`~contrastive_decoding.LayerCake` (degraded streams run as extra rows of the same
             passes; ``tokenizer`` classifies the tokens, and query rows from the one predicting the
-            first continuation token onwards are suppressed, as in generation).
+            first continuation token onwards are suppressed, as in generation). An amateur stream
+            reads each full row (its prefix, the prompt, the continuation) in its own passes.
         protocol: with a strategy, ``"paper"`` sums the raw contrast ``log q_N(y) - log q_M(y)``
             with no plausibility filter (DoLa's TruthfulQA-MC script); ``"normalized"`` log-softmaxes
             the contrast and gives implausible tokens ``floor`` (DoLa's FACTOR script). Ignored when
@@ -131,9 +132,8 @@ def score_continuations(
         >>> best = max(scores, key=lambda s: s.total)  # doctest: +SKIP
     """
     _check_inputs(prompt, continuations, protocol, batch_size)
-    readout = LayerReadout.from_model(model)
-    streams = isinstance(strategy, StreamContrastStrategy)
-    layers = strategy.premature_layers(readout) if strategy is not None and not streams else []
+    # Resolve and validate the strategy's needs before anything else.
+    sources = ContrastSources(model, strategy, tokenizer, positions="all") if strategy is not None else None
 
     prefix, conts = _tokenize(tokenizer, prompt, continuations)
     if not prefix:
@@ -142,28 +142,25 @@ def score_continuations(
             "(give a prompt, or use a tokenizer that adds a BOS token)."
         )
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     step = batch_size or len(conts)
 
-    # The probe records, per forward, what the strategy contrasts against: premature layers'
-    # states (J, B, T, H) or degraded streams' logits (S, B, T, V).
-    if streams:
-        capture = strategy.runner(model, tokenizer)
-        capture.suppression.suppress_from = len(prefix) - 1
-    else:
-        capture = LayerCapture(readout, layers, positions="all") if layers else None
+    if sources is not None and sources.streams is not None:
+        sources.streams.suppression.suppress_from = len(prefix) - 1
     results: list[ContinuationScore] = []
-    with capture if capture is not None else nullcontext():
+    with sources if sources is not None else nullcontext():
         prefix_pass = None
         for lo in range(0, len(conts), step):
             chunk = conts[lo : lo + step]
             if not share_prefix:
-                logits, states = _forward_full(model, capture, prefix, chunk, pad_id, device)
+                logits, probe = _forward_full(model, sources, prefix, chunk, pad_id, device)
             else:
                 if prefix_pass is None:
-                    prefix_pass = _forward_prefix(model, capture, prefix, device)
+                    prefix_pass = _forward_prefix(model, sources, prefix, device)
                 reuse = lo + step < len(conts)
-                logits, states = _forward_on_prefix(model, capture, prefix_pass, chunk, pad_id, device, reuse)
+                logits, probe = _forward_on_prefix(model, sources, prefix_pass, chunk, pad_id, device, reuse)
+            if sources is not None and sources.amateur is not None:
+                probe["amateur"] = sources.amateur.score_rows(prefix, chunk)
             # Flatten the (row, position) pairs that score a real continuation token.
             row_idx, pos_idx, targets = [], [], []
             for i, cont in enumerate(chunk):
@@ -174,27 +171,22 @@ def score_continuations(
             pos_t = torch.tensor(pos_idx, device=device)
             target_t = torch.tensor(targets, device=device)
             final = logits[row_t, pos_t].float()
-            if strategy is None:
+            if sources is None:
                 token_scores = F.log_softmax(final, dim=-1).gather(-1, target_t[:, None]).squeeze(-1)
                 chosen = None
             else:
                 token_scores, chosen = _contrast_scores(
-                    readout,
-                    strategy,
-                    states,
-                    final,
-                    row_t,
-                    pos_t,
-                    target_t,
-                    protocol,
-                    floor,
-                    positions_per_chunk,
+                    sources, probe, final, row_t, pos_t, target_t, protocol, floor, positions_per_chunk
                 )
             offset = 0
             for i, cont in enumerate(chunk):
                 n = len(cont)
                 piece = token_scores[offset : offset + n].cpu()
-                used = None if chosen is None else [layers[j] for j in chosen[offset : offset + n].tolist()]
+                used = (
+                    None
+                    if chosen is None
+                    else [sources.layers[j] for j in chosen[offset : offset + n].tolist()]
+                )
                 results.append(
                     ContinuationScore(
                         continuation=continuations[lo + i],
@@ -219,40 +211,57 @@ def _padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, t
     return ids.to(device), mask.to(device)
 
 
-def _forward_full(model, capture, prefix, conts, pad_id, device):
+def _probe(sources: ContrastSources | None, keep: slice) -> dict:
+    """What the last forward recorded, at positions ``keep``: layer states ``(J, S, B, T, H)`` and
+    degraded streams' logits ``(S-1, B, T, V)``."""
+    if sources is None:
+        return {}
+    states, streams = sources.states(), sources.stream_logits()
+    return {
+        "states": None if states is None else states[:, :, :, keep],
+        "streams": None if streams is None else streams[:, :, keep],
+    }
+
+
+def _forward_full(model, sources, prefix, conts, pad_id, device):
     """One pass over prompt + continuation per row.
 
-    Returns logits ``(B, W, V)`` and states ``(J, B, W, H)`` (or ``None``) where position ``k``
-    predicts continuation token ``k``.
+    Returns logits ``(B, W, V)`` and the probe (see :func:`_probe`) where position ``k`` predicts
+    continuation token ``k``.
     """
     ids, mask = _padded([prefix + c for c in conts], pad_id, device)
     start = len(prefix) - 1  # the position predicting the first continuation token
     keep = ids.shape[1] - start
     logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, keep)).logits[:, -keep:]
-    states = capture.stacked()[:, :, -keep:] if capture is not None else None
-    return logits, states
+    return logits, _probe(sources, slice(-keep, None))
 
 
-def _forward_prefix(model, capture, prefix, device):
-    """The prompt alone, once: its last-position logits and states, and its KV cache."""
+def _forward_prefix(model, sources, prefix, device):
+    """The prompt alone, once: its last-position logits and probe, and its KV cache."""
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
     out = model(input_ids=ids, use_cache=True, **_logits_to_keep(model, 1))
-    states = capture.stacked()[:, :, -1:] if capture is not None else None
-    return out.logits[:, -1:], states, out.past_key_values
+    return out.logits[:, -1:], _probe(sources, slice(-1, None)), out.past_key_values
 
 
-def _forward_on_prefix(model, capture, prefix_pass, conts, pad_id, device, reuse_cache):
+def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse_cache):
     """Every continuation (but its last token) on a copy of the prompt's KV cache.
 
     Same return convention as :func:`_forward_full`.
     """
-    prefix_logits, prefix_states, cache = prefix_pass
+    prefix_logits, prefix_probe, cache = prefix_pass
     rows = len(conts)
     logits = [prefix_logits.expand(rows, -1, -1)]
-    states = [prefix_states.expand(-1, rows, -1, -1)] if capture is not None else []
+    probes = [
+        {
+            "states": None if v is None else v.expand(-1, -1, rows, -1, -1),
+            "streams": None if w is None else w.expand(-1, rows, -1, -1),
+        }
+        for v, w in [(prefix_probe.get("states"), prefix_probe.get("streams"))]
+    ]
     if max(len(c) for c in conts) > 1:
         # The cache grows in place; copy it when other chunks still need the prompt's.
         cache = copy.deepcopy(cache) if reuse_cache else cache
+        # Rows are stream-major, one per stream, so repeating each in place keeps streams grouped.
         cache.batch_repeat_interleave(rows)
         tail, tail_mask = _padded([c[:-1] or [pad_id] for c in conts], pad_id, device)
         tail_mask[:, 0] = 1  # one-token continuations feed a dummy token whose output is unused
@@ -261,9 +270,12 @@ def _forward_on_prefix(model, capture, prefix_pass, conts, pad_id, device, reuse
             input_ids=tail, attention_mask=torch.cat([prompt_mask, tail_mask], 1), past_key_values=cache
         )
         logits.append(out.logits)
-        if capture is not None:
-            states.append(capture.stacked())
-    return torch.cat(logits, 1), (torch.cat(states, 2) if capture is not None else None)
+        probes.append(_probe(sources, slice(None)))
+    probe = {
+        key: None if probes[0].get(key) is None else torch.cat([p[key] for p in probes], dim)
+        for key, dim in (("states", 3), ("streams", 2))
+    }
+    return torch.cat(logits, 1), probe
 
 
 def _logits_to_keep(model: nn.Module, keep: int) -> dict:
@@ -273,9 +285,8 @@ def _logits_to_keep(model: nn.Module, keep: int) -> dict:
 
 
 def _contrast_scores(
-    readout: LayerReadout,
-    strategy: LayerContrastStrategy | StreamContrastStrategy,
-    states: torch.Tensor,
+    sources: ContrastSources,
+    probe: dict,
     final: torch.Tensor,
     row_t: torch.Tensor,
     pos_t: torch.Tensor,
@@ -284,15 +295,24 @@ def _contrast_scores(
     floor: float,
     positions_per_chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    states, streams = probe.get("states"), probe.get("streams")
+    amateur_logits, amateur_states = probe.get("amateur", (None, None))
+    amateur_readout = None if sources.amateur is None else sources.amateur.readout
     scores, chosen = [], []
     for lo in range(0, final.shape[0], positions_per_chunk):
         sl = slice(lo, lo + positions_per_chunk)
-        picked = states[:, row_t[sl], pos_t[sl]]  # (J, P, H) states or (S, P, V) stream logits
-        if isinstance(strategy, StreamContrastStrategy):
-            against = picked.float()
-        else:
-            against = readout.early_exit_logits(picked, final_norm=strategy.final_norm)
-        out = strategy.score_tokens(final[sl], against.to(final.device), target_t[sl], protocol, floor)
+        rows, pos = row_t[sl], pos_t[sl]
+        inputs = ContrastInputs(
+            final[sl],
+            sources.readout,
+            None if states is None else states[:, :, rows, pos],
+            sources.strategy.final_norm,
+            None if streams is None else streams[:, rows, pos],
+            None if amateur_logits is None else amateur_logits[rows, pos],
+            amateur_readout,
+            None if amateur_states is None else amateur_states[:, rows, pos],
+        )
+        out = sources.strategy.score(inputs, target_t[sl], protocol, floor)
         scores.append(out.scores)
         chosen.append(out.chosen)
     return torch.cat(scores), (None if chosen[0] is None else torch.cat(chosen))

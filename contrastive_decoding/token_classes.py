@@ -234,4 +234,3 @@ def make_classifier(classifier) -> TokenClassifier | _CallableClassifier:
         "`classifier` must be the model's tokenizer, a TokenClassifier, or a callable mapping a list "
         f"of token ids to one class per id; got {type(classifier).__name__}."
     )
-

@@ -1,6 +1,5 @@
-"""Layer-contrast strategies: one file each, all subclasses of :class:`LayerContrastStrategy`."""
+"""Contrast strategies, one file each, all subclasses of :class:`~.base.ContrastStrategy`.
 
-from .base import ContrastOutput, LayerContrastStrategy
-from .dola import DoLa, DoLaLogitsProcessor
-
-__all__ = ["ContrastOutput", "DoLa", "DoLaLogitsProcessor", "LayerContrastStrategy"]
+Import them from the package root (``from contrastive_decoding import DoLa``); this package does not
+import its modules eagerly, so that the shared machinery can import :mod:`.base` on its own.
+"""

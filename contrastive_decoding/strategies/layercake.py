@@ -264,4 +264,3 @@ def layercake_generate(
         classifier=classifier,
         **model_kwargs,
     )
-

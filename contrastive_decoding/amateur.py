@@ -1,0 +1,249 @@
+"""The amateur stream: a second forward pass with its own inputs and KV cache.
+
+Classic contrastive decoding contrasts the model with a smaller model of the same tokenizer; ICD and
+LOL contrast it with the same model behind an instruction that induces false answers. Both are an
+:class:`Amateur`: the tokens the main model reads, optionally after an instruction prefix, fed to
+an amateur model (by default the main model itself) in lock-step with the main model's forwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .capture import LayerCapture
+from .readout import LayerReadout
+
+__all__ = ["Amateur", "AmateurRunner"]
+
+
+class Amateur:
+    """What the amateur stream reads and which model runs it.
+
+    Args:
+        model: the amateur model (same tokenizer as the main model); ``None`` runs the main model.
+        prefix: an instruction placed before the context of every row (after a BOS token, if the
+            row starts with one), as text (tokenized with the main tokenizer, no special tokens) or
+            token ids. ``None``: the amateur reads exactly the main model's tokens.
+        tokenizer: the amateur model's tokenizer, checked against the main one when both are known.
+        replace: text (or token ids) that every main row starts with (after a BOS token) and that
+            the amateur does not read: an instruction meant for the main stream only (LOL's
+            truthfulness refocus). The amateur reads ``prefix`` in its place.
+
+    Example:
+        >>> from contrastive_decoding import Amateur
+        >>> Amateur(prefix="Answer with a plausible falsehood.\\n").prefix
+        'Answer with a plausible falsehood.\\n'
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        prefix: str | Sequence[int] | None = None,
+        tokenizer=None,
+        replace: str | Sequence[int] | None = None,
+    ) -> None:
+        if model is None and prefix is None and replace is None:
+            raise ValueError(
+                "An Amateur needs `model=` (a smaller model with the same tokenizer) or `prefix=` (an "
+                "instruction for the same model); with neither it would equal the model itself."
+            )
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be a causal LM (torch.nn.Module), got {type(model).__name__}.")
+        self.model = model
+        self.prefix = _check_text(prefix, "prefix")
+        self.replace = _check_text(replace, "replace")
+        self.tokenizer = tokenizer
+
+    def __repr__(self) -> str:
+        model = None if self.model is None else type(self.model).__name__
+        return f"Amateur(model={model}, prefix={self.prefix!r}, replace={self.replace!r})"
+
+
+def _check_text(value, argument: str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"`{argument}` is an empty string; give the instruction text, or None.")
+        return value
+    ids = list(value)
+    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise ValueError(f"`{argument}` must be a non-empty string or a non-empty list of token ids.")
+    return ids
+
+
+def _token_ids(value, tokenizer, argument: str) -> list[int]:
+    if value is None:
+        return []
+    if not isinstance(value, str):
+        return list(value)
+    if tokenizer is None:
+        raise ValueError(
+            f"The amateur's `{argument}` is text; pass the model's tokenizer (`tokenizer=`) so it can be "
+            "tokenized, or give it as token ids."
+        )
+    return tokenizer(value, add_special_tokens=False)["input_ids"]
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def check_same_vocabulary(
+    main: nn.Module, amateur: nn.Module, tokenizer=None, amateur_tokenizer=None
+) -> None:
+    """Refuse an amateur whose logits do not index the same tokens as the main model's."""
+    if tokenizer is not None and amateur_tokenizer is not None:
+        if tokenizer.get_vocab() != amateur_tokenizer.get_vocab():
+            raise ValueError(
+                "The amateur's tokenizer differs from the model's (different vocabulary); contrastive "
+                "decoding subtracts log-probabilities token by token, so use an amateur from the same "
+                "model family and tokenizer (e.g. a smaller checkpoint of the same series)."
+            )
+    main_size, amateur_size = _vocab_size(main), _vocab_size(amateur)
+    if main_size != amateur_size:
+        raise ValueError(
+            f"The amateur's output head has {amateur_size} tokens but the model's has {main_size}; use an "
+            "amateur with the same tokenizer and vocabulary size."
+        )
+
+
+class AmateurRunner:
+    """Runs an :class:`Amateur` beside the main model: step by step in generation, in one pass in
+    scoring.
+
+    Args:
+        amateur: the amateur's description.
+        model: the main model (used when ``amateur.model`` is ``None``).
+        tokenizer: the main model's tokenizer (needed for a text prefix and for the BOS check).
+        layers: amateur layers whose states are captured for early exits.
+        positions: ``"last"`` for generation (:meth:`step`), ``"all"`` for scoring (:meth:`score_rows`).
+    """
+
+    def __init__(
+        self,
+        amateur: Amateur,
+        model: nn.Module,
+        tokenizer=None,
+        layers: Sequence[int] = (),
+        positions: str = "last",
+    ) -> None:
+        self.spec = amateur
+        self.model = amateur.model if amateur.model is not None else model
+        self.same_model = self.model is model
+        if not self.same_model:
+            check_same_vocabulary(model, self.model, tokenizer, amateur.tokenizer)
+        self.prefix = _token_ids(amateur.prefix, tokenizer, "prefix")
+        self.replace = _token_ids(amateur.replace, tokenizer, "replace")
+        self.bos_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+        self.readout = LayerReadout.from_model(self.model)
+        self.layers = self.readout.check_layers(list(layers), "amateur_layers") if layers else []
+        self.capture = LayerCapture(self.readout, self.layers, positions=positions) if self.layers else None
+        self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cache = None
+        self._seen: torch.Tensor | None = None  # main-model tokens fed so far, (B, T)
+        self._mask: torch.Tensor | None = None  # the amateur's attention mask so far
+        self._next_pos: torch.Tensor | None = None
+
+    @property
+    def attached(self) -> bool:
+        return self.capture is None or self.capture.attached
+
+    def __enter__(self) -> AmateurRunner:
+        self._reset()
+        if self.capture is not None:
+            self.capture.attach()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.capture is not None:
+            self.capture.detach()
+        self._reset()
+
+    def _with_prefix(self, row: list[int]) -> list[int]:
+        head = 1 if self.bos_id is not None and row and row[0] == self.bos_id else 0
+        rest = row[head:]
+        if self.replace:
+            if rest[: len(self.replace)] != self.replace:
+                raise ValueError(
+                    "A row does not start with the instruction the amateur replaces (`replace`); put it "
+                    "at the very start of each prompt (e.g. with the strategy's `refocus_prompt`)."
+                )
+            rest = rest[len(self.replace) :]
+        return row[:head] + self.prefix + rest
+
+    def _left_padded(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            if row:
+                ids[i, width - len(row) :] = torch.tensor(row, device=device)
+                mask[i, width - len(row) :] = 1
+        return ids, mask
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> object:
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "past_key_values": cache}
+        if self._takes_positions:
+            kwargs["position_ids"] = positions
+        return self.model(**kwargs)
+
+    @torch.no_grad()
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The amateur's next-token logits ``(B, V)`` (and layer states ``(J, B, H)``) after reading
+        the main model's tokens ``input_ids`` (all of them so far) under ``attention_mask``."""
+        rows, length = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None or attention_mask.shape != input_ids.shape:
+            attention_mask = torch.ones_like(input_ids)
+        if self._seen is None:
+            real = [input_ids[i][attention_mask[i].bool()].tolist() for i in range(rows)]
+            ids, self._mask = self._left_padded([self._with_prefix(r) for r in real], device)
+        else:
+            seen = self._seen.shape[1]
+            if seen > length or not torch.equal(input_ids[:, :seen], self._seen):
+                raise RuntimeError(
+                    "The amateur stream saw its rows' earlier tokens change (beam search reorders "
+                    "sequences); strategies with an amateur support greedy search and sampling."
+                )
+            ids, new_mask = input_ids[:, seen:], attention_mask[:, seen:]
+            self._mask = torch.cat([self._mask, new_mask], dim=1)
+        positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self._forward(ids, self._mask, positions, self._cache)
+        self._cache = out.past_key_values
+        self._seen = input_ids.clone()
+        states = self.capture.stacked() if self.capture is not None else None
+        return out.logits[:, -1, :].float(), states
+
+    @torch.no_grad()
+    def score_rows(
+        self, prefix: list[int], conts: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Teacher-forced amateur logits for ``prefix + cont`` rows: ``(B, W, V)`` where position
+        ``k`` predicts continuation token ``k`` (and states ``(J, B, W, H)``)."""
+        start_row = self._with_prefix(list(prefix))
+        rows = [start_row + c for c in conts]
+        width = max(len(r) for r in rows)
+        device = next(self.model.parameters()).device
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, device=device)
+            mask[i, : len(row)] = 1
+        positions = torch.arange(width, device=device).expand(len(rows), -1)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        if self._takes_positions:
+            kwargs["position_ids"] = positions
+        logits = self.model(**kwargs).logits
+        start = len(start_row) - 1
+        states = self.capture.stacked()[:, :, start:] if self.capture is not None else None
+        return logits[:, start:].float(), states

@@ -1,0 +1,194 @@
+"""What a strategy contrasts, gathered during the model's own forward passes.
+
+:class:`ContrastSources` is the one piece of machinery behind the logits processor, the generate
+loop and scoring: for a :class:`~contrastive_decoding.ContrastStrategy` it attaches what the
+strategy declares (layer-capture hooks, degraded streams with attention suppression, an amateur
+stream) for the duration of a ``with`` block, and turns what they recorded into
+:class:`~contrastive_decoding.ContrastInputs`.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .amateur import AmateurRunner
+from .capture import LayerCapture
+from .readout import LayerReadout
+from .strategies.base import ContrastInputs, ContrastStrategy
+from .streams import StreamRunner, _by_name
+
+__all__ = ["ContrastSources"]
+
+
+class ContrastSources:
+    """Context manager: attach what ``strategy`` contrasts to ``model``; detach it exactly on exit.
+
+    Args:
+        model: the causal LM.
+        strategy: the strategy.
+        tokenizer: the model's tokenizer: tokenizes an amateur's text prefix, and gives degraded
+            streams their token classes unless ``classifier`` is given.
+        classifier: the token classes of degraded streams: a tokenizer, a
+            :class:`~contrastive_decoding.TokenClassifier` or a callable.
+        positions: ``"last"`` for decoding steps, ``"all"`` for teacher-forced scoring.
+        keep_logits: record the model's own last-position logits of each forward (processors).
+
+    Every argument is validated, and every layer resolved, before anything is attached.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: ContrastStrategy,
+        tokenizer=None,
+        classifier=None,
+        positions: Literal["last", "all"] = "last",
+        keep_logits: bool = False,
+    ) -> None:
+        if not isinstance(strategy, ContrastStrategy):
+            raise ValueError(
+                "`strategy` must be a ContrastStrategy (e.g. DoLa(), LayerCake()), got "
+                f"{type(strategy).__name__}."
+            )
+        self.model = model
+        self.strategy = strategy
+        self.readout = LayerReadout.from_model(model)
+        layers = list(strategy.premature_layers(self.readout))
+        self.layers = self.readout.check_layers(layers, "premature_layers") if layers else []
+        degraded = strategy.degraded_streams(self.readout)
+        spec = strategy.amateur_stream()
+        name = type(strategy).__name__
+        classifier = tokenizer if classifier is None else classifier
+        if degraded and classifier is None:
+            raise ValueError(
+                f"{name} runs degraded streams and needs the token classes: pass the model's tokenizer "
+                "(`tokenizer=`/`classifier=`), a TokenClassifier, or a callable mapping token ids to classes."
+            )
+        if spec is not None and degraded and spec.model in (None, model):
+            raise ValueError(
+                f"{name} combines degraded streams with an amateur of the same model; give the amateur "
+                "its own model (`Amateur(model=...)`) or use one of the two."
+            )
+        self.streams = (
+            StreamRunner(
+                model,
+                classifier,
+                degraded,
+                mode=strategy.mode,
+                bias=strategy.bias,
+                query_rows=strategy.query_rows,
+            )
+            if degraded
+            else None
+        )
+        self.num_streams = 1 + len(degraded)
+        self.capture = LayerCapture(self.readout, self.layers, positions=positions) if self.layers else None
+        self.amateur = None
+        if spec is not None:
+            amateur_model = spec.model if spec.model is not None else model
+            amateur_layers = strategy.amateur_layers(LayerReadout.from_model(amateur_model))
+            self.amateur = AmateurRunner(spec, model, tokenizer, amateur_layers, positions=positions)
+        self.keep_logits = keep_logits
+        self.logits: torch.Tensor | None = None  # the model's own last-position logits
+        self.attention_mask: torch.Tensor | None = None  # the last forward's mask, for the amateur
+        self._stack: ExitStack | None = None
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def attached(self) -> bool:
+        return self._stack is not None
+
+    def __enter__(self) -> ContrastSources:
+        if self._stack is not None:
+            raise RuntimeError("These ContrastSources are already attached; use one `with` block at a time.")
+        stack = ExitStack()
+        try:
+            # Streams first: their hooks expand the batch before anything else sees it and cut the
+            # output back to stream 0 before the logits hook below reads it.
+            if self.streams is not None:
+                stack.enter_context(self.streams)
+            if self.capture is not None:
+                stack.enter_context(self.capture)
+            if self.amateur is not None:
+                stack.enter_context(self.amateur)
+                self._handles.append(
+                    self.model.register_forward_pre_hook(self._record_mask, with_kwargs=True)
+                )
+            if self.keep_logits:
+                self._handles.append(self.model.register_forward_hook(self._record_logits))
+            stack.callback(self._remove_hooks)
+        except BaseException:
+            self._remove_hooks()
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        stack, self._stack = self._stack, None
+        self.logits = None
+        self.attention_mask = None
+        if stack is not None:
+            stack.close()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _record_mask(self, module, args, kwargs):
+        mask = _by_name(module, args, kwargs).get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _record_logits(self, module, args, output):
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        self.logits = logits[:, -1, :].detach().clone()
+
+    def clear(self) -> None:
+        """Forget recorded states and logits (hooks stay attached)."""
+        self.logits = None
+        if self.capture is not None:
+            self.capture.clear()
+
+    def states(self) -> torch.Tensor | None:
+        """The declared layers' states of the last forward, ``(J, S, B, [T,] H)`` (stream-major rows)."""
+        if self.capture is None:
+            return None
+        states = self.capture.stacked()
+        return states.view(states.shape[0], self.num_streams, -1, *states.shape[2:])
+
+    def stream_logits(self) -> torch.Tensor | None:
+        """The degraded streams' logits of the last forward, ``(S, B, T, V)``."""
+        return None if self.streams is None else self.streams.stacked()
+
+    def step_inputs(self, final_logits: torch.Tensor, input_ids: torch.Tensor) -> ContrastInputs:
+        """The inputs of one decoding step, after the model's forward over ``input_ids``.
+
+        Args:
+            final_logits: the model's own last-position logits, ``(B, V)`` float32.
+            input_ids: every token of each row so far, ``(B, T)`` (the amateur reads the new ones).
+        """
+        # Read the main model's records before the amateur's forward, which may be the same model.
+        states = self.states()
+        streams = self.stream_logits()
+        amateur_logits = amateur_states = None
+        if self.amateur is not None:
+            mask = self.attention_mask
+            if mask is not None and mask.shape[0] != input_ids.shape[0]:
+                mask = mask[: input_ids.shape[0]]
+            amateur_logits, amateur_states = self.amateur.step(input_ids, mask)
+        return ContrastInputs(
+            final_logits,
+            self.readout,
+            states,
+            self.strategy.final_norm,
+            None if streams is None else streams[:, :, -1],
+            amateur_logits,
+            None if self.amateur is None else self.amateur.readout,
+            amateur_states,
+        )

@@ -1,0 +1,81 @@
+"""Classic contrastive decoding with a smaller amateur model (Li et al., ACL 2023; code
+XiangLi1999/ContrastiveDecoding).
+
+The score is ``log p_expert(v) - log p_amateur(v)`` on the plausible set of the expert
+(``relative_top`` 0.1); the amateur's logits are divided by ``amateur_temperature`` (0.5 in the
+authors' runs) before its log-softmax. The amateur must share the expert's tokenizer; a mismatch is
+refused before anything is attached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..amateur import Amateur
+from ..plausibility import check_relative_top
+from .base import ContrastInputs, ContrastStrategy
+
+__all__ = ["ContrastiveDecoding"]
+
+
+def check_temperature(value: float, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"`{argument}` must be a positive number (0.5 in contrastive decoding), got {value!r}."
+        )
+    return float(value)
+
+
+class ContrastiveDecoding(ContrastStrategy):
+    """Contrast the model with a smaller amateur model of the same tokenizer.
+
+    Args:
+        amateur_model: the amateur causal LM (e.g. a smaller checkpoint of the same family).
+        amateur_tokenizer: its tokenizer; when given, its vocabulary must equal the model's
+            (checked when the strategy is attached, with the model's tokenizer).
+        amateur_temperature: divides the amateur's logits before its log-softmax.
+        relative_top: plausibility threshold on the expert (``None`` turns the filter off).
+        min_tokens_to_keep: tokens always kept by the plausibility filter.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from contrastive_decoding import ContrastiveDecoding
+        >>> small = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=8, intermediate_size=16,
+        ...     num_hidden_layers=1, num_attention_heads=2)).eval()
+        >>> ContrastiveDecoding(small).amateur_temperature
+        0.5
+    """
+
+    def __init__(
+        self,
+        amateur_model: nn.Module,
+        amateur_tokenizer=None,
+        amateur_temperature: float = 0.5,
+        relative_top: float | None = 0.1,
+        min_tokens_to_keep: int = 1,
+    ) -> None:
+        if not isinstance(amateur_model, nn.Module):
+            raise ValueError(
+                f"`amateur_model` must be a causal LM (torch.nn.Module), got {type(amateur_model).__name__}; "
+                "load it first, e.g. with AutoModelForCausalLM.from_pretrained."
+            )
+        self.amateur_temperature = check_temperature(amateur_temperature, "amateur_temperature")
+        self.relative_top = None if relative_top is None else check_relative_top(relative_top)
+        self.min_tokens_to_keep = int(min_tokens_to_keep)
+        self._amateur = Amateur(model=amateur_model, tokenizer=amateur_tokenizer)
+
+    def __repr__(self) -> str:
+        return (
+            f"ContrastiveDecoding(amateur_model={type(self._amateur.model).__name__}, "
+            f"amateur_temperature={self.amateur_temperature}, relative_top={self.relative_top})"
+        )
+
+    def amateur_stream(self) -> Amateur:
+        return self._amateur
+
+    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
+        expert = F.log_softmax(inputs.final, dim=-1)
+        amateur = F.log_softmax(inputs.amateur / self.amateur_temperature, dim=-1)
+        return expert - amateur

@@ -1,0 +1,164 @@
+"""Composition: several strategies at once, their scores summed with weights.
+
+Every part runs on the same forward passes: the layers all parts need are captured once, the
+degraded streams of all parts run as row groups of one batch, and one amateur may be shared. Each
+part scores with its own rule (including its own plausibility filter) and the results are added:
+``sum_k w_k * score_k``. In generation a token that any part with a positive weight rules out keeps
+``-inf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..readout import LayerReadout
+from ..suppression import SuppressionRule
+from .base import ContrastInputs, ContrastOutput, ContrastStrategy, ScoringProtocol
+
+__all__ = ["WeightedContrast"]
+
+
+class WeightedContrast(ContrastStrategy):
+    """A weighted sum of strategies' scores, in generation and in scoring.
+
+    Args:
+        parts: ``(weight, strategy)`` pairs, or strategies (weight 1). Weights must be positive
+            numbers.
+
+    Example:
+        >>> from contrastive_decoding import DoLa, VistaLogits, WeightedContrast
+        >>> both = WeightedContrast([(1.0, DoLa("high")), (0.5, VistaLogits())])
+        >>> [w for w, _ in both.parts]
+        [1.0, 0.5]
+    """
+
+    def __init__(self, parts: Sequence[tuple[float, ContrastStrategy] | ContrastStrategy]) -> None:
+        if isinstance(parts, ContrastStrategy) or not isinstance(parts, Sequence) or not parts:
+            raise ValueError("`parts` must be a non-empty list of strategies or (weight, strategy) pairs.")
+        checked = []
+        for i, part in enumerate(parts):
+            weight, strategy = (1.0, part) if isinstance(part, ContrastStrategy) else tuple(part)
+            if not isinstance(strategy, ContrastStrategy):
+                raise ValueError(f"`parts[{i}]` must hold a ContrastStrategy, got {type(strategy).__name__}.")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ValueError(f"`parts[{i}]` has weight {weight!r}; weights must be positive numbers.")
+            checked.append((float(weight), strategy))
+        amateurs = {id(s.amateur_stream()) for _, s in checked if s.amateur_stream() is not None}
+        if len(amateurs) > 1:
+            raise ValueError(
+                "Several parts declare an amateur; a composition runs at most one amateur stream. Give "
+                "the parts the same Amateur object."
+            )
+        suppression = {(s.mode, s.bias, s.query_rows) for _, s in checked if _has_streams(s)}
+        if len(suppression) > 1:
+            raise ValueError(
+                "The parts' degraded streams use different suppression settings (mode, bias, query_rows); "
+                "a composition runs all its streams with one setting."
+            )
+        self.parts = checked
+        self.relative_top = None  # each part filters with its own rule
+        if suppression:
+            self.mode, self.bias, self.query_rows = suppression.pop()
+        self._plans: dict[int, tuple] = {}
+
+    def __repr__(self) -> str:
+        return "WeightedContrast([" + ", ".join(f"({w}, {s!r})" for w, s in self.parts) + "])"
+
+    def _plan(self, readout: LayerReadout) -> tuple:
+        """The union of the parts' layers and streams, and where each part's own sit in it."""
+        key = id(readout.model)
+        if key not in self._plans:
+            layers: list[int] = []
+            streams: list[list[SuppressionRule]] = []
+            amateur_layers: list[int] = []
+            views = []
+            for _, strategy in self.parts:
+                own = strategy.premature_layers(readout)
+                for layer in own:
+                    if layer not in layers:
+                        layers.append(layer)
+                own_streams = strategy.degraded_streams(readout)
+                stream_index = list(range(len(streams), len(streams) + len(own_streams)))
+                streams += own_streams
+                spec = strategy.amateur_stream()
+                own_amateur = []
+                if spec is not None:
+                    amateur_readout = LayerReadout.from_model(spec.model or readout.model)
+                    own_amateur = strategy.amateur_layers(amateur_readout)
+                    for layer in own_amateur:
+                        if layer not in amateur_layers:
+                            amateur_layers.append(layer)
+                views.append((own, stream_index, own_amateur))
+            index = [
+                (
+                    [layers.index(j) for j in own],
+                    stream_index,
+                    [amateur_layers.index(j) for j in own_amateur],
+                )
+                for own, stream_index, own_amateur in views
+            ]
+            self._plans[key] = (layers, streams, amateur_layers, index)
+        return self._plans[key]
+
+    def premature_layers(self, readout: LayerReadout) -> list[int]:
+        return self._plan(readout)[0]
+
+    def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:
+        return self._plan(readout)[1]
+
+    def amateur_stream(self):
+        for _, strategy in self.parts:
+            if strategy.amateur_stream() is not None:
+                return strategy.amateur_stream()
+        return None
+
+    def amateur_layers(self, readout: LayerReadout) -> list[int]:
+        return self._plan_for_amateur(readout)
+
+    def _plan_for_amateur(self, readout: LayerReadout) -> list[int]:
+        layers: list[int] = []
+        for _, strategy in self.parts:
+            if strategy.amateur_stream() is not None:
+                for layer in strategy.amateur_layers(readout):
+                    if layer not in layers:
+                        layers.append(layer)
+        return layers
+
+    def _views(self, inputs: ContrastInputs) -> list[ContrastInputs]:
+        readout = inputs._readout
+        if readout is None:
+            index = [([], [], []) for _ in self.parts]
+        else:
+            index = self._plan(readout)[3]
+        return [
+            inputs.view(*where, strategy.final_norm)
+            for (_, strategy), where in zip(self.parts, index, strict=True)
+        ]
+
+    def step(self, inputs: ContrastInputs) -> ContrastOutput:
+        total = None
+        for (weight, strategy), view in zip(self.parts, self._views(inputs), strict=True):
+            scores = weight * strategy.step(view).scores
+            total = scores if total is None else total + scores
+        return ContrastOutput(total)
+
+    def score(
+        self,
+        inputs: ContrastInputs,
+        targets: torch.Tensor,
+        protocol: ScoringProtocol = "paper",
+        floor: float = -1000.0,
+    ) -> ContrastOutput:
+        total = None
+        for (weight, strategy), view in zip(self.parts, self._views(inputs), strict=True):
+            scores = weight * strategy.score(view, targets, protocol, floor).scores
+            total = scores if total is None else total + scores
+        return ContrastOutput(total)
+
+
+def _has_streams(strategy: ContrastStrategy) -> bool:
+    # Whether a part declares streams cannot be known without a model; suppression settings are only
+    # compared for parts that override `degraded_streams`.
+    return type(strategy).degraded_streams is not ContrastStrategy.degraded_streams

@@ -1,0 +1,150 @@
+"""LOL-style multi-layer fusion ("Lower Layer(s) Matter", Chen et al., arXiv 2408.08769; no code).
+
+The original stream is contrasted with an amateur at the final layer AND at a lower layer, and the
+two contrasts are fused:
+``F = [log p_o^N - log p_a^N] + weight * [log p_o^L - log p_a^L]`` on the plausible set of
+``p_o^N``, where ``p^L`` is the early exit at layer ``L`` (raw head, no final norm, unless
+``final_norm``). The amateur is a degraded copy of the model (LayerCake's attention suppression), the
+model behind an "untruthful" instruction (as in ICD), or a second model. The truthfulness refocus
+is an instruction read by the original stream only: prompts start with it
+(:meth:`LowerLayerFusion.refocus_prompt`) and the amateur reads its own instruction in its place.
+The paper's lower layer, weights and instruction placement are not public (``specs/methods.md``
+§3); the defaults here (``lower_layer`` at half depth, ``weight`` 0.5) are this library's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..amateur import Amateur
+from ..plausibility import check_relative_top
+from ..readout import LayerReadout
+from ..suppression import SuppressionRule
+from .base import ContrastInputs, ContrastStrategy
+from .icd import UNTRUTHFUL_INSTRUCTION
+from .layercake import LayerCake
+
+__all__ = ["LowerLayerFusion", "TRUTHFUL_INSTRUCTION"]
+
+#: The default truthfulness refocus for the original stream.
+TRUTHFUL_INSTRUCTION = "Answer truthfully and factually; if you are not sure, say so.\n"
+
+
+def _resolve_depth(spec: int | float, num_layers: int, argument: str) -> int:
+    if isinstance(spec, float):
+        return min(num_layers - 1, max(0, round(spec * num_layers)))
+    if not 0 <= spec < num_layers:
+        raise ValueError(f"`{argument}`={spec} is outside 0..{num_layers - 1} for this model.")
+    return spec
+
+
+class LowerLayerFusion(ContrastStrategy):
+    """Fuse original-vs-amateur contrasts taken at the final layer and at a lower layer (LOL).
+
+    Args:
+        amateur: ``"suppression"`` (a degraded copy of the model in the same batch; LayerCake's
+            suppression rules, set with ``suppression=``), ``"prompt"`` (the model behind
+            ``amateur_instruction``), or a second model (``nn.Module``, same tokenizer).
+        lower_layer: the lower layer ``L``: an index or a fraction of depth (default 0.5).
+        weight: the weight of the lower-layer contrast (``lambda``).
+        refocus: an instruction for the original stream only (e.g. :data:`TRUTHFUL_INSTRUCTION`);
+            prompts must start with it (:meth:`refocus_prompt`). Needs a prompt or model amateur.
+        amateur_instruction: the amateur's instruction for ``amateur="prompt"``.
+        suppression: :class:`~contrastive_decoding.LayerCake` arguments for the degraded stream
+            (default: its ``"combined"`` amateur).
+        final_norm: apply the final norm to the lower-layer early exits.
+        relative_top: plausibility threshold on ``p_o^N`` (``None`` turns the filter off).
+        min_tokens_to_keep: tokens always kept by the plausibility filter.
+
+    Example:
+        >>> from contrastive_decoding import LowerLayerFusion
+        >>> lol = LowerLayerFusion(amateur="prompt", refocus="Be truthful.\\n")
+        >>> lol.refocus_prompt("Q: Who wrote Hamlet?\\nA:")
+        'Be truthful.\\nQ: Who wrote Hamlet?\\nA:'
+    """
+
+    def __init__(
+        self,
+        amateur: str | nn.Module = "suppression",
+        lower_layer: int | float = 0.5,
+        weight: float = 0.5,
+        refocus: str | None = None,
+        amateur_instruction: str = UNTRUTHFUL_INSTRUCTION,
+        suppression: dict[str, Any] | None = None,
+        final_norm: bool = False,
+        relative_top: float | None = 0.1,
+        min_tokens_to_keep: int = 1,
+    ) -> None:
+        if not (amateur in ("suppression", "prompt") or isinstance(amateur, nn.Module)):
+            raise ValueError(
+                f"`amateur` must be 'suppression', 'prompt' or a second model (nn.Module), got {amateur!r}."
+            )
+        if isinstance(lower_layer, bool) or not isinstance(lower_layer, (int, float)):
+            raise ValueError(
+                f"`lower_layer` must be a layer index or a fraction of depth, got {lower_layer!r}."
+            )
+        if isinstance(lower_layer, float) and not 0.0 <= lower_layer < 1.0:
+            raise ValueError(f"`lower_layer` as a fraction of depth must be in [0, 1), got {lower_layer!r}.")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"`weight` must be a non-negative number (lambda), got {weight!r}.")
+        if refocus is not None and (not isinstance(refocus, str) or not refocus):
+            raise ValueError(f"`refocus` must be a non-empty instruction string or None, got {refocus!r}.")
+        if refocus is not None and amateur == "suppression":
+            raise ValueError(
+                "`refocus` needs an amateur that reads its own prompt (`amateur='prompt'` or a second "
+                "model); a suppressed copy of the model would read the refocus instruction too."
+            )
+        if suppression is not None and amateur != "suppression":
+            raise ValueError("`suppression` only applies to `amateur='suppression'`.")
+        self.amateur = amateur
+        self.lower_layer = lower_layer
+        self.weight = float(weight)
+        self.refocus = refocus
+        self.amateur_instruction = amateur_instruction
+        self.final_norm = bool(final_norm)
+        self.relative_top = None if relative_top is None else check_relative_top(relative_top)
+        self.min_tokens_to_keep = int(min_tokens_to_keep)
+        self._cake = LayerCake(**(suppression or {})) if amateur == "suppression" else None
+        if self._cake is not None:
+            self.mode, self.bias, self.query_rows = self._cake.mode, self._cake.bias, self._cake.query_rows
+        self._amateur = None
+        if amateur == "prompt":
+            self._amateur = Amateur(prefix=amateur_instruction, replace=refocus)
+        elif isinstance(amateur, nn.Module):
+            self._amateur = Amateur(model=amateur, replace=refocus)
+
+    def __repr__(self) -> str:
+        amateur = self.amateur if isinstance(self.amateur, str) else type(self.amateur).__name__
+        return (
+            f"LowerLayerFusion(amateur={amateur!r}, lower_layer={self.lower_layer}, weight={self.weight}, "
+            f"refocus={self.refocus!r}, relative_top={self.relative_top})"
+        )
+
+    def refocus_prompt(self, prompt: str) -> str:
+        """``prompt`` with the refocus instruction in front (unchanged without one)."""
+        return prompt if self.refocus is None else self.refocus + prompt
+
+    def premature_layers(self, readout: LayerReadout) -> list[int]:
+        return [_resolve_depth(self.lower_layer, readout.num_layers, "lower_layer")]
+
+    def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:
+        return [] if self._cake is None else self._cake.degraded_streams(readout)
+
+    def amateur_stream(self) -> Amateur | None:
+        return self._amateur
+
+    def amateur_layers(self, readout: LayerReadout) -> list[int]:
+        return self.premature_layers(readout)
+
+    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
+        if self._cake is not None:
+            amateur_final, amateur_lower = inputs.streams[0], inputs.stream_layers[0, 0]
+        else:
+            amateur_final, amateur_lower = inputs.amateur, inputs.amateur_layers[0]
+        final = F.log_softmax(inputs.final, -1) - F.log_softmax(amateur_final, -1)
+        lower = F.log_softmax(inputs.layers[0], -1) - F.log_softmax(amateur_lower, -1)
+        return final + self.weight * lower
