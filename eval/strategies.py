@@ -24,7 +24,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from contrastive_decoding import SLED, AutoContrastive, DeCo, DoLa, LayerCake, VistaLogits, contrast_generate
+from contrastive_decoding import (
+    SLED,
+    AutoContrastive,
+    ContrastiveDecoding,
+    DeCo,
+    DoLa,
+    InducedContrast,
+    LayerCake,
+    LowerLayerFusion,
+    VistaLogits,
+    contrast_generate,
+    load_model,
+)
+from contrastive_decoding.amateur import check_same_vocabulary
 
 from .errors import EvalError
 
@@ -142,8 +155,9 @@ def _bound_generate(strategy, tokenizer=None) -> Callable[..., Any]:
     token classifier.
     """
     extra = {}
-    if tokenizer is not None and "classifier" in inspect.signature(contrast_generate).parameters:
-        extra["classifier"] = tokenizer
+    if tokenizer is not None:
+        # The tokenizer gives degraded streams their token classes and tokenizes amateur prompts.
+        extra["tokenizer"] = tokenizer
 
     def generate(
         model,
@@ -155,6 +169,8 @@ def _bound_generate(strategy, tokenizer=None) -> Callable[..., Any]:
         streamer=None,
         **model_kwargs,
     ):
+        if extra:
+            model_kwargs.pop("tokenizer", None)
         return contrast_generate(
             model,
             strategy,
@@ -241,11 +257,61 @@ register(
     )
 )
 
+register(
+    StrategyEntry.for_class(
+        "icd",
+        InducedContrast,
+        description="ICD prompt-only (Zhang et al. 2023): contrast with the model told to give false answers",
+    )
+)
+register(
+    StrategyEntry.for_class(
+        "lol",
+        LowerLayerFusion,
+        description="LOL-style fusion (Chen et al. 2024): final- and lower-layer contrasts with an amateur",
+    )
+)
+
+
+def _amateur_cd(model, tokenizer=None, amateur: str | None = None, **params: Any) -> StrategyRun:
+    if not amateur:
+        raise EvalError(
+            "--strategy cd needs the amateur model: --param amateur=<Hub id, local folder or .gguf> "
+            "(a smaller model with the same tokenizer)."
+        )
+    try:
+        device = next(model.parameters()).device
+        amateur_model, amateur_tokenizer = load_model(amateur, dtype=model.dtype, device=device)
+        strategy = ContrastiveDecoding(amateur_model, amateur_tokenizer, **params)
+        if tokenizer is not None:
+            check_same_vocabulary(model, amateur_model, tokenizer, amateur_tokenizer)
+    except (OSError, TypeError, ValueError) as exc:
+        raise EvalError(f"--strategy cd: {exc}") from None
+    full = {**_CD_DEFAULTS, **params, "amateur": amateur}
+    generate = {"custom_generate": _bound_generate(strategy, tokenizer)}
+    return StrategyRun("cd", _jsonable(full), strategy, generate, 1.0)
+
+
+_CD_DEFAULTS = {
+    "amateur": None,
+    **{k: v for k, v in _init_defaults(ContrastiveDecoding).items() if "amateur_" not in k},
+}
+_CD_DEFAULTS["amateur_temperature"] = 0.5
+register(
+    StrategyEntry(
+        "cd",
+        _amateur_cd,
+        _CD_DEFAULTS,
+        "contrastive decoding (Li et al. 2023): contrast with a smaller amateur model (--param amateur=...)",
+    )
+)
+
 #: Named shortcuts: ``--strategy dola-high`` = ``--strategy dola --param dola_layers=high``.
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "greedy": ("baseline", {}),
     "dola-high": ("dola", {"dola_layers": "high"}),
     "dola-low": ("dola", {"dola_layers": "low"}),
+    "lol-prompt": ("lol", {"amateur": "prompt"}),
 }
 
 

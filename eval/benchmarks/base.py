@@ -63,19 +63,24 @@ class EvalContext:
         return score_continuations(
             self.model,
             self.tokenizer,
-            prompt,
+            self._refocused(prompt),
             list(continuations),
             strategy=self.strategy.scoring,
             protocol=self.protocol,
             floor=self.floor,
         )
 
+    def _refocused(self, prompt: str) -> str:
+        # Strategies with an instruction for the original stream only (LOL's refocus) put it first.
+        refocus = getattr(self.strategy.scoring, "refocus_prompt", None)
+        return prompt if refocus is None else refocus(prompt)
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[Generated]:
         """Greedy continuations of a batch of prompts (left-padded)."""
         return generate_batch(
             self.model,
             self.tokenizer,
-            prompts,
+            [self._refocused(p) for p in prompts],
             self.strategy,
             self.max_new_tokens or max_new_tokens,
             stop,

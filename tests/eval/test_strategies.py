@@ -229,3 +229,73 @@ def test_layer_strategies_are_registered(name, params, cls, processor):
     new = ref[0, enc["input_ids"].shape[1] :].tolist()
     new = new[: next((i for i, t in enumerate(new) if t in (0, 2)), len(new))]
     assert out.text == TOKENIZER.decode(new, skip_special_tokens=True)
+
+
+def _registry_vs_processor(run, strategy, prompt="Q: Is water wet?\nA:"):
+    """Registry generation (left-padded batch path) = the strategy's ContrastLogitsProcessor in stock
+    generate on the same prompt."""
+    from contrastive_decoding import ContrastLogitsProcessor
+
+    model = tiny_model()
+    out = generate_batch(model, TOKENIZER, [prompt], run, max_new_tokens=6, repetition_penalty=1.0)[0]
+    enc = TOKENIZER(prompt, return_tensors="pt", return_token_type_ids=False)
+    with ContrastLogitsProcessor(model, strategy, tokenizer=TOKENIZER) as proc, torch.no_grad():
+        ref = model.generate(
+            **enc, logits_processor=[proc], max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
+    new = ref[0, enc["input_ids"].shape[1] :].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in (0, 2)), len(new))]
+    assert out.text == TOKENIZER.decode(new, skip_special_tokens=True)
+
+
+def test_icd_and_lol_are_registered():
+    from contrastive_decoding import InducedContrast, LowerLayerFusion
+
+    model = tiny_model()
+    run = build_strategy(model, "icd", {"instruction": "Lie.\n"}, tokenizer=TOKENIZER)
+    assert isinstance(run.scoring, InducedContrast) and run.params["instruction"] == "Lie.\n"
+    _registry_vs_processor(run, InducedContrast(instruction="Lie.\n"))
+    run = build_strategy(model, "lol-prompt", {"amateur_instruction": "Lie.\n"}, tokenizer=TOKENIZER)
+    assert isinstance(run.scoring, LowerLayerFusion) and run.params["amateur"] == "prompt"
+    _registry_vs_processor(run, LowerLayerFusion(amateur="prompt", amateur_instruction="Lie.\n"))
+
+
+def test_lol_refocus_is_put_in_front_of_every_prompt(tmp_path):
+    # The harness puts the refocus first (the amateur replaces it); scores equal scoring the
+    # refocused prompt directly.
+    from contrastive_decoding import LowerLayerFusion, score_continuations
+
+    model = tiny_model()
+    params = {"amateur": "prompt", "refocus": "Be true.\n", "amateur_instruction": "Lie.\n"}
+    data = write_mc_json(tmp_path)
+    cfg = RunConfig(benchmark="tfqa-hf", out=str(tmp_path / "lol"), data=str(data), strategy="lol",
+                    params=params, progress=False)  # fmt: skip
+    result = run_eval(cfg, model=model, tokenizer=TOKENIZER)
+    assert result.summary["complete"] and result.summary["strategy_params"]["refocus"] == "Be true.\n"
+    record = read_jsonl(tmp_path / "lol" / "items.jsonl")[0]
+    assert record["metrics"]  # scored without the "row does not start with the refocus" error
+    strategy = LowerLayerFusion(**params)
+    prompt = strategy.refocus_prompt("Q: x?\nA:")
+    direct = score_continuations(model, TOKENIZER, prompt, [" yes", " no"], strategy=strategy)
+    assert all(torch.isfinite(torch.tensor(s.total)) for s in direct)
+
+
+def test_cd_loads_the_amateur_and_refuses_a_different_vocabulary(tmp_path):
+    from conftest import build_model
+
+    from contrastive_decoding import ContrastiveDecoding
+
+    model = tiny_model()
+    with pytest.raises(EvalError, match="--param amateur="):
+        build_strategy(model, "cd", {}, tokenizer=TOKENIZER)
+    small = build_model("llama", seed=3, vocab_size=model.config.vocab_size, num_hidden_layers=2)
+    small.save_pretrained(tmp_path / "small")
+    TOKENIZER.save_pretrained(tmp_path / "small")
+    run = build_strategy(model, "cd", {"amateur": str(tmp_path / "small")}, tokenizer=TOKENIZER)
+    assert run.params["amateur"] == str(tmp_path / "small") and run.params["amateur_temperature"] == 0.5
+    _registry_vs_processor(run, ContrastiveDecoding(run.scoring.amateur_stream().model))
+    other = build_model("llama", seed=3, vocab_size=model.config.vocab_size + 8, num_hidden_layers=2)
+    other.save_pretrained(tmp_path / "other")
+    TOKENIZER.save_pretrained(tmp_path / "other")
+    with pytest.raises(EvalError, match="same tokenizer"):
+        build_strategy(model, "cd", {"amateur": str(tmp_path / "other")}, tokenizer=TOKENIZER)
