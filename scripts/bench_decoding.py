@@ -13,6 +13,11 @@ Rows (each at every ``--batch-sizes`` value; batches > 1 are left padded):
   :class:`~contrastive_decoding.LayerCakeLogitsProcessor` and as ``layercake_generate``;
 * ``layercake average``: ``layercake_generate`` with two degraded streams (``amateur="average"``).
   Token classes come from the model's tokenizer (``--tiny``: a fixed id-based classifier);
+* ``icd`` / ``lol suppression`` / ``lol prompt`` / ``cd`` / ``dola+icd``: ``ContrastLogitsProcessor``
+  with ``InducedContrast``, ``LowerLayerFusion`` (suppressed-copy or prompt amateur),
+  ``ContrastiveDecoding`` (amateur: the model's first quarter of blocks, a same-tokenizer stand-in
+  for a smaller model) and ``WeightedContrast(DoLa high, 0.5 * ICD)``; prompt amateurs read a
+  24-token instruction;
 * ``vista`` / ``acd`` / ``sled`` / ``deco``: those strategies' LogitsProcessors with their defaults
   in stock ``generate``;
 * ``rows x2`` / ``rows x3``: stock greedy with every row run 2 / 3 times in each forward
@@ -81,6 +86,11 @@ ROWS = (
     "acd",
     "sled",
     "deco",
+    "icd",
+    "lol suppression",
+    "lol prompt",
+    "cd",
+    "dola+icd",
     "rows x2",
     "rows x3",
 )
@@ -306,6 +316,66 @@ def _layer_processor_call(model, kind: str, ids, mask, common: dict[str, Any]):
     return run, layers
 
 
+# A 24-token instruction for the prompt amateurs, as ids so that any tokenizer (or none) works;
+# only its length matters for the cost.
+_INSTRUCTION = list(range(10, 34))
+
+
+def _truncated_amateur(model, keep: int):
+    """A same-tokenizer amateur for the cost of classic CD: the model's first ``keep`` blocks."""
+    import copy
+
+    from contrastive_decoding import LayerReadout
+
+    amateur = copy.deepcopy(model)
+    blocks = LayerReadout.from_model(amateur).layers
+    del blocks[keep:]
+    amateur.config.num_hidden_layers = keep
+    return amateur
+
+
+def _strategy(model, kind: str, row: str):
+    from contrastive_decoding import (
+        ContrastiveDecoding,
+        DoLa,
+        InducedContrast,
+        LayerReadout,
+        LowerLayerFusion,
+        WeightedContrast,
+    )
+
+    if kind == "icd":
+        return InducedContrast(instruction=_INSTRUCTION)
+    if kind == "lol":
+        if row.endswith("prompt"):
+            return LowerLayerFusion(amateur="prompt", amateur_instruction=_INSTRUCTION)
+        return LowerLayerFusion(amateur="suppression")
+    if kind == "cd":
+        keep = max(1, LayerReadout.from_model(model).num_layers // 4)
+        return ContrastiveDecoding(_truncated_amateur(model, keep))
+    return WeightedContrast([DoLa("high"), (0.5, InducedContrast(instruction=_INSTRUCTION))])
+
+
+def _strategy_call(model, row: str, ids, mask, common: dict[str, Any], classifier):
+    from transformers import LogitsProcessorList
+
+    from contrastive_decoding import ContrastLogitsProcessor
+
+    kind = row.split()[0]
+    strategy = _strategy(model, "dola+icd" if kind == "dola+icd" else kind, row)
+
+    def run(n: int) -> torch.Tensor:
+        kw = dict(common, max_new_tokens=n, min_new_tokens=n)
+        with ContrastLogitsProcessor(model, strategy, classifier=classifier) as proc:
+            return model.generate(
+                input_ids=ids, attention_mask=mask, logits_processor=LogitsProcessorList([proc]), **kw
+            )
+
+    with ContrastLogitsProcessor(model, strategy, classifier=classifier) as probe:
+        layers = list(probe.layers)
+    return run, layers
+
+
 def _rows_call(model, streams: int, ids, mask, common: dict[str, Any]):
     from contrastive_decoding import StreamBatch
 
@@ -344,6 +414,8 @@ def _row_call(
         return _rows_call(model, int(row[-1]), ids, mask, common)
     if kind == "layercake":
         return _layercake_call(model, row, ids, mask, common, classifier)
+    if kind in ("icd", "lol", "cd", "dola+icd"):
+        return _strategy_call(model, row, ids, mask, common, classifier)
     static = _static_layer(readout.num_layers, static_layer)
     dola_layers: Any = None if kind == "greedy" else ("high" if row.endswith("high") else static)
     layers = (
