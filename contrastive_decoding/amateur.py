@@ -144,6 +144,7 @@ class AmateurRunner:
         self.layers = self.readout.check_layers(list(layers), "amateur_layers") if layers else []
         self.capture = LayerCapture(self.readout, self.layers, positions=positions) if self.layers else None
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        self.running = False  # True during the amateur's own forward (the main model's hooks see it)
         self._reset()
 
     def _reset(self) -> None:
@@ -218,7 +219,11 @@ class AmateurRunner:
             ids, new_mask = input_ids[:, seen:], attention_mask[:, seen:]
             self._mask = torch.cat([self._mask, new_mask], dim=1)
         positions = (self._mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        out = self._forward(ids, self._mask, positions, self._cache)
+        self.running = True
+        try:
+            out = self._forward(ids, self._mask, positions, self._cache)
+        finally:
+            self.running = False
         self._cache = out.past_key_values
         self._seen = input_ids.clone()
         states = self.capture.stacked() if self.capture is not None else None

@@ -142,8 +142,16 @@ class ContrastSources:
         self._handles.clear()
 
     def _record_mask(self, module, args, kwargs):
-        mask = _by_name(module, args, kwargs).get("attention_mask")
+        if self.amateur.running:  # the amateur's own forward, when it runs the main model
+            return
+        named = _by_name(module, args, kwargs)
+        mask = named.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache = named.get("past_key_values")
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            # A forward from an empty cache starts new sequences (a new `generate` call with the
+            # same processor, or uncached decoding): the amateur reads them from the start too.
+            self.amateur._reset()
 
     def _record_logits(self, module, args, output):
         logits = output["logits"] if isinstance(output, dict) else output[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..amateur import Amateur
+from ..amateur import Amateur, _check_text
 from ..plausibility import check_relative_top
 from .base import ContrastInputs, ContrastStrategy
 
@@ -44,7 +44,9 @@ class InducedContrast(ContrastStrategy):
         relative_top: float | None = 0.1,
         min_tokens_to_keep: int = 1,
     ) -> None:
-        self._amateur = Amateur(prefix=instruction)
+        if instruction is None:
+            raise ValueError("`instruction` must be the amateur's instruction (text or token ids), got None.")
+        self._amateur = Amateur(prefix=_check_text(instruction, "instruction"))
         self.instruction = instruction
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
         self.min_tokens_to_keep = int(min_tokens_to_keep)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..amateur import Amateur
+from ..amateur import Amateur, _check_text
 from ..plausibility import check_relative_top
 from ..readout import LayerReadout
 from ..suppression import SuppressionRule
@@ -98,6 +98,13 @@ class LowerLayerFusion(ContrastStrategy):
                 "`refocus` needs an amateur that reads its own prompt (`amateur='prompt'` or a second "
                 "model); a suppressed copy of the model would read the refocus instruction too."
             )
+        if amateur == "prompt" and amateur_instruction is None and refocus is None:
+            raise ValueError(
+                "`amateur_instruction` is None and there is no `refocus`: the prompt amateur would equal "
+                "the model itself; give the amateur's instruction."
+            )
+        if amateur == "prompt":
+            _check_text(amateur_instruction, "amateur_instruction")
         if suppression is not None and amateur != "suppression":
             raise ValueError("`suppression` only applies to `amateur='suppression'`.")
         self.amateur = amateur
