@@ -27,8 +27,9 @@ def _check_loop_options(generation_config: GenerationConfig, loop_name: str) -> 
     if getattr(generation_config, "num_beams", 1) not in (None, 1):
         raise ValueError(
             f"`num_beams={generation_config.num_beams}` is not supported by {loop_name}, which does "
-            "greedy search and sampling; for beam search pass the strategy's LogitsProcessor "
-            "(e.g. DoLaLogitsProcessor) in `logits_processor=` of stock `generate`."
+            "greedy search and sampling; for beam search with a strategy of early exits only (DoLa, "
+            "SLED, ...), pass its LogitsProcessor in `logits_processor=` of stock `generate` "
+            "(strategies with degraded streams or an amateur support no beam search)."
         )
     for flag in ("output_attentions", "output_hidden_states"):
         if generation_config.return_dict_in_generate and getattr(generation_config, flag, False):
@@ -168,10 +169,17 @@ def strategy_generate(
     synced_gpus: bool = False,
     streamer: Any = None,
     strategy: ContrastStrategy | None = None,
+    strategy_tokenizer: Any = None,
+    classifier: Any = None,
     **model_kwargs: Any,
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """Any strategy as a ``custom_generate`` callable: ``generate(custom_generate=strategy_generate,
-    strategy=...)``; pass ``tokenizer=`` too for degraded streams or an amateur with a text prefix.
+    strategy=...)``.
+
+    Strategies with degraded streams or an amateur whose instruction is text need the tokenizer:
+    pass it as ``strategy_tokenizer=`` (``generate`` keeps its own ``tokenizer=`` argument for stop
+    strings and does not hand it to custom loops). ``classifier=`` gives degraded streams other token
+    classes (a TokenClassifier or a callable).
 
     Example:
         >>> import torch
@@ -197,6 +205,10 @@ def strategy_generate(
         generation_config,
         synced_gpus=synced_gpus,
         streamer=streamer,
+        classifier=classifier,
+        tokenizer=strategy_tokenizer
+        if strategy_tokenizer is not None
+        else model_kwargs.pop("tokenizer", None),
         **model_kwargs,
     )
 

@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from conftest import assert_same_state, build_model, char_tokenizer, model_state
 from transformers import StoppingCriteria
 
@@ -89,12 +88,11 @@ def _processor_generate(model, strategy, tokenizer, steps=STEPS, **inputs):
 
 
 def _loop_generate(model, strategy, tokenizer, steps=STEPS, **inputs):
-    # transformers 5 keeps `tokenizer=` given to generate for itself (see the xfail test below), so
-    # the tokenizer is bound to the loop; generate still routes `strategy=` to it.
-    loop = functools.partial(strategy_generate, tokenizer=tokenizer)
+    # generate keeps its own `tokenizer=`; the loop takes the strategy's as `strategy_tokenizer=`.
     return model.generate(
-        **inputs, custom_generate=loop, strategy=strategy, max_new_tokens=steps, do_sample=False
-    )
+        **inputs, custom_generate=strategy_generate, strategy=strategy, strategy_tokenizer=tokenizer,
+        max_new_tokens=steps, do_sample=False,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gpt_neox"])
@@ -107,22 +105,25 @@ def test_greedy_processor_and_loop_match_reference(family, tokenizer):
     assert torch.equal(_loop_generate(model, strategy, tokenizer, input_ids=ids), expected)
 
 
-@pytest.mark.xfail(
-    int(transformers.__version__.split(".")[0]) >= 5,
-    reason="transformers 5 pops `tokenizer=` from generate's kwargs and passes a custom_generate "
-    "callable only its own named arguments, so strategy_generate never sees the tokenizer",
-    raises=ValueError,
-    strict=True,
-)
-def test_tokenizer_given_to_generate_reaches_the_loop(tokenizer):
-    """The README's call: `generate(custom_generate=strategy_generate, strategy=..., tokenizer=...)`."""
+def test_readme_call_and_a_bound_tokenizer_reach_the_loop(tokenizer):
+    """The README's call (`strategy_tokenizer=`) and a tokenizer bound with functools.partial."""
     model = _model("llama")
     ids = _ids(tokenizer)
+    expected = _reference_greedy(model, ids, _instruction_ids(tokenizer))
     out = model.generate(
-        ids, custom_generate=strategy_generate, strategy=InducedContrast(INSTRUCTION), tokenizer=tokenizer,
-        max_new_tokens=STEPS, do_sample=False,
+        ids, custom_generate=strategy_generate, strategy=InducedContrast(INSTRUCTION),
+        strategy_tokenizer=tokenizer, max_new_tokens=STEPS, do_sample=False,
     )  # fmt: skip
-    assert torch.equal(out, _reference_greedy(model, ids, _instruction_ids(tokenizer)))
+    assert torch.equal(out, expected)
+    bound = functools.partial(strategy_generate, tokenizer=tokenizer)
+    out = model.generate(
+        ids,
+        custom_generate=bound,
+        strategy=InducedContrast(INSTRUCTION),
+        max_new_tokens=STEPS,
+        do_sample=False,
+    )
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # GPT-2's tiny model barely sees the order
