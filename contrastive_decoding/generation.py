@@ -28,7 +28,8 @@ def _check_loop_options(generation_config: GenerationConfig, loop_name: str) -> 
         raise ValueError(
             f"`num_beams={generation_config.num_beams}` is not supported by {loop_name}, which does "
             "greedy search and sampling; for beam search with a strategy of early exits only (DoLa, "
-            "SLED, ...), pass its LogitsProcessor in `logits_processor=` of stock `generate` "
+            "SLED, ...), pass its LogitsProcessor (e.g. DoLaLogitsProcessor) in `logits_processor=` "
+            "of stock `generate` "
             "(strategies with degraded streams or an amateur support no beam search)."
         )
     for flag in ("output_attentions", "output_hidden_states"):
