@@ -51,6 +51,8 @@ def test_readme_strategy_matches_hand_reference(family):
     from conftest import build_model
 
     model, tokenizer = build_model(family), char_tokenizer()
+    # Like real causal-LM tokenizers, return no token_type_ids (transformers 4.57's generate rejects them).
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
     namespace = {"model": model, "tokenizer": tokenizer, "prompt": PROMPT}
     exec(compile(_readme_block(), str(README), "exec"), namespace)
 
