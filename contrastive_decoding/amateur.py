@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .capture import LayerCapture
+from .padding import pad_rows
 from .readout import LayerReadout
 
 __all__ = ["Amateur", "AmateurRunner"]
@@ -180,16 +181,6 @@ class AmateurRunner:
             rest = rest[len(self.replace) :]
         return row[:head] + self.prefix + rest
 
-    def _left_padded(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            if row:
-                ids[i, width - len(row) :] = torch.tensor(row, device=device)
-                mask[i, width - len(row) :] = 1
-        return ids, mask
-
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> object:
         kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "past_key_values": cache}
         if self._takes_positions:
@@ -208,7 +199,7 @@ class AmateurRunner:
             attention_mask = torch.ones_like(input_ids)
         if self._seen is None:
             real = [input_ids[i][attention_mask[i].bool()].tolist() for i in range(rows)]
-            ids, self._mask = self._left_padded([self._with_prefix(r) for r in real], device)
+            ids, self._mask = pad_rows([self._with_prefix(r) for r in real], 0, device, side="left")
         else:
             seen = self._seen.shape[1]
             if seen > length or not torch.equal(input_ids[:, :seen], self._seen):
@@ -237,18 +228,10 @@ class AmateurRunner:
         ``k`` predicts continuation token ``k`` (and states ``(J, B, W, H)``)."""
         start_row = self._with_prefix(list(prefix))
         rows = [start_row + c for c in conts]
-        width = max(len(r) for r in rows)
         device = next(self.model.parameters()).device
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, device=device)
-            mask[i, : len(row)] = 1
-        positions = torch.arange(width, device=device).expand(len(rows), -1)
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        if self._takes_positions:
-            kwargs["position_ids"] = positions
-        logits = self.model(**kwargs).logits
+        ids, mask = pad_rows(rows, 0, device)
+        # Right padding: the model's default positions 0..W-1 are the rows' own.
+        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         start = len(start_row) - 1
         states = self.capture.stacked()[:, :, start:] if self.capture is not None else None
         return logits[:, start:].float(), states

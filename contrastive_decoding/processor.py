@@ -21,8 +21,38 @@ from .strategies.base import ContrastStrategy, LayerContrastStrategy, StreamCont
 __all__ = ["ContrastLogitsProcessor", "LayerContrastLogitsProcessor", "StreamContrastLogitsProcessor"]
 
 
-class _ContrastLogitsProcessor(LogitsProcessor):
-    """Shared by the processors: contrast the model's own logits, keep earlier processors' masks."""
+class ContrastLogitsProcessor(LogitsProcessor):
+    """Apply any :class:`~contrastive_decoding.ContrastStrategy` inside stock ``model.generate``.
+
+    What the strategy declares is attached when the processor is built (after every argument is
+    validated) and removed by :meth:`detach`, or on leaving a ``with`` block, leaving the model
+    exactly as it was. The mature logits are the model's own, recorded by a hook; tokens that
+    earlier processors set to ``-inf`` (``min_new_tokens``, ``bad_words_ids``) stay ``-inf``.
+    Processors that should act on the contrasted scores (DoLa's repetition penalty) go after it:
+    pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
+    Strategies with only layers work with greedy search, sampling and beam search; degraded streams
+    and amateurs keep a cache row per sequence, so beam search is refused with a clear error.
+
+    Args:
+        model: the causal LM that ``generate`` runs.
+        strategy: the strategy, e.g. :class:`~contrastive_decoding.DoLa` or a user subclass.
+        tokenizer: the model's tokenizer, for strategies with degraded streams (token classes) or
+            an amateur with a text prefix.
+        classifier: token classes for degraded streams, if not the tokenizer's: a
+            :class:`~contrastive_decoding.TokenClassifier` or a callable mapping token ids to classes.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+        >>> from contrastive_decoding import ContrastLogitsProcessor, VistaLogits
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
+        >>> with ContrastLogitsProcessor(model, VistaLogits()) as vista:
+        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False,
+        ...         logits_processor=LogitsProcessorList([vista]))
+        >>> out.shape
+        torch.Size([1, 7])
+    """
 
     supports_continuous_batching = False
 
@@ -70,40 +100,6 @@ class _ContrastLogitsProcessor(LogitsProcessor):
                 stacklevel=3,
             )
         return scores
-
-
-class ContrastLogitsProcessor(_ContrastLogitsProcessor):
-    """Apply any :class:`~contrastive_decoding.ContrastStrategy` inside stock ``model.generate``.
-
-    What the strategy declares is attached when the processor is built (after every argument is
-    validated) and removed by :meth:`detach`, or on leaving a ``with`` block, leaving the model
-    exactly as it was. The mature logits are the model's own, recorded by a hook; tokens that
-    earlier processors set to ``-inf`` (``min_new_tokens``, ``bad_words_ids``) stay ``-inf``.
-    Processors that should act on the contrasted scores (DoLa's repetition penalty) go after it:
-    pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
-    Strategies with only layers work with greedy search, sampling and beam search; degraded streams
-    and amateurs keep a cache row per sequence, so beam search is refused with a clear error.
-
-    Args:
-        model: the causal LM that ``generate`` runs.
-        strategy: the strategy, e.g. :class:`~contrastive_decoding.DoLa` or a user subclass.
-        tokenizer: the model's tokenizer, for strategies with degraded streams (token classes) or
-            an amateur with a text prefix.
-        classifier: token classes for degraded streams, if not the tokenizer's: a
-            :class:`~contrastive_decoding.TokenClassifier` or a callable mapping token ids to classes.
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
-        >>> from contrastive_decoding import ContrastLogitsProcessor, VistaLogits
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> with ContrastLogitsProcessor(model, VistaLogits()) as vista:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False,
-        ...         logits_processor=LogitsProcessorList([vista]))
-        >>> out.shape
-        torch.Size([1, 7])
-    """
 
     def __init__(self, model: nn.Module, strategy: ContrastStrategy, tokenizer=None, classifier=None) -> None:
         self.strategy = strategy

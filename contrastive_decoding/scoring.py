@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .padding import pad_rows
 from .sources import ContrastSources
 from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
 
@@ -200,17 +201,6 @@ def score_continuations(
     return results
 
 
-def _padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists into (input_ids, attention_mask)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _probe(sources: ContrastSources | None, keep: slice) -> dict:
     """What the last forward recorded, at positions ``keep``: layer states ``(J, S, B, T, H)`` and
     degraded streams' logits ``(S-1, B, T, V)``."""
@@ -229,7 +219,7 @@ def _forward_full(model, sources, prefix, conts, pad_id, device):
     Returns logits ``(B, W, V)`` and the probe (see :func:`_probe`) where position ``k`` predicts
     continuation token ``k``.
     """
-    ids, mask = _padded([prefix + c for c in conts], pad_id, device)
+    ids, mask = pad_rows([prefix + c for c in conts], pad_id, device)
     start = len(prefix) - 1  # the position predicting the first continuation token
     keep = ids.shape[1] - start
     logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, keep)).logits[:, -keep:]
@@ -251,19 +241,19 @@ def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse
     prefix_logits, prefix_probe, cache = prefix_pass
     rows = len(conts)
     logits = [prefix_logits.expand(rows, -1, -1)]
+    states, streams = prefix_probe.get("states"), prefix_probe.get("streams")
     probes = [
         {
-            "states": None if v is None else v.expand(-1, -1, rows, -1, -1),
-            "streams": None if w is None else w.expand(-1, rows, -1, -1),
+            "states": None if states is None else states.expand(-1, -1, rows, -1, -1),
+            "streams": None if streams is None else streams.expand(-1, rows, -1, -1),
         }
-        for v, w in [(prefix_probe.get("states"), prefix_probe.get("streams"))]
     ]
     if max(len(c) for c in conts) > 1:
         # The cache grows in place; copy it when other chunks still need the prompt's.
         cache = copy.deepcopy(cache) if reuse_cache else cache
         # Rows are stream-major, one per stream, so repeating each in place keeps streams grouped.
         cache.batch_repeat_interleave(rows)
-        tail, tail_mask = _padded([c[:-1] or [pad_id] for c in conts], pad_id, device)
+        tail, tail_mask = pad_rows([c[:-1] or [pad_id] for c in conts], pad_id, device)
         tail_mask[:, 0] = 1  # one-token continuations feed a dummy token whose output is unused
         prompt_mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long, device=device)
         out = model(

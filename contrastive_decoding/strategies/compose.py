@@ -70,36 +70,27 @@ class WeightedContrast(ContrastStrategy):
         """The union of the parts' layers and streams, and where each part's own sit in it."""
         key = id(readout.model)
         if key not in self._plans:
+            spec = self.amateur_stream()
+            amateur_readout = None if spec is None else LayerReadout.from_model(spec.model or readout.model)
+            amateur_union = [] if spec is None else self.amateur_layers(amateur_readout)
             layers: list[int] = []
             streams: list[list[SuppressionRule]] = []
-            amateur_layers: list[int] = []
-            views = []
+            parts = []
             for _, strategy in self.parts:
                 own = strategy.premature_layers(readout)
-                for layer in own:
-                    if layer not in layers:
-                        layers.append(layer)
+                layers = list(dict.fromkeys(layers + list(own)))
                 own_streams = strategy.degraded_streams(readout)
                 stream_index = list(range(len(streams), len(streams) + len(own_streams)))
                 streams += own_streams
-                spec = strategy.amateur_stream()
-                own_amateur = []
-                if spec is not None:
-                    amateur_readout = LayerReadout.from_model(spec.model or readout.model)
-                    own_amateur = strategy.amateur_layers(amateur_readout)
-                    for layer in own_amateur:
-                        if layer not in amateur_layers:
-                            amateur_layers.append(layer)
-                views.append((own, stream_index, own_amateur))
-            index = [
-                (
-                    [layers.index(j) for j in own],
-                    stream_index,
-                    [amateur_layers.index(j) for j in own_amateur],
+                own_amateur = (
+                    [] if strategy.amateur_stream() is None else strategy.amateur_layers(amateur_readout)
                 )
-                for own, stream_index, own_amateur in views
+                parts.append((own, stream_index, own_amateur))
+            index = [
+                ([layers.index(j) for j in own], stream_index, [amateur_union.index(j) for j in own_amateur])
+                for own, stream_index, own_amateur in parts
             ]
-            self._plans[key] = (layers, streams, amateur_layers, index)
+            self._plans[key] = (layers, streams, index)
         return self._plans[key]
 
     def premature_layers(self, readout: LayerReadout) -> list[int]:
@@ -109,29 +100,18 @@ class WeightedContrast(ContrastStrategy):
         return self._plan(readout)[1]
 
     def amateur_stream(self):
-        for _, strategy in self.parts:
-            if strategy.amateur_stream() is not None:
-                return strategy.amateur_stream()
-        return None
+        return next((s.amateur_stream() for _, s in self.parts if s.amateur_stream() is not None), None)
 
     def amateur_layers(self, readout: LayerReadout) -> list[int]:
-        return self._plan_for_amateur(readout)
-
-    def _plan_for_amateur(self, readout: LayerReadout) -> list[int]:
-        layers: list[int] = []
-        for _, strategy in self.parts:
-            if strategy.amateur_stream() is not None:
-                for layer in strategy.amateur_layers(readout):
-                    if layer not in layers:
-                        layers.append(layer)
-        return layers
+        own = (s.amateur_layers(readout) for _, s in self.parts if s.amateur_stream() is not None)
+        return list(dict.fromkeys(layer for layers in own for layer in layers))
 
     def _views(self, inputs: ContrastInputs) -> list[ContrastInputs]:
         readout = inputs._readout
         if readout is None:
             index = [([], [], []) for _ in self.parts]
         else:
-            index = self._plan(readout)[3]
+            index = self._plan(readout)[2]
         return [
             inputs.view(*where, strategy.final_norm)
             for (_, strategy), where in zip(self.parts, index, strict=True)
