@@ -6,6 +6,7 @@ generation time and with no training. See the README for the API and examples.
 
 from .amateur import Amateur
 from .capture import LayerCapture
+from .context_entropy import ContextEntropy, EntropySource
 from .divergence import layer_divergence
 from .generation import contrast_generate, dola_generate, strategy_generate
 from .loading import DEFAULT_MODEL, embedded_model_file, load_model
@@ -15,6 +16,7 @@ from .readout import TESTED_MODEL_TYPES, LayerReadout, UnsupportedModelError
 from .scoring import ContinuationScore, score_continuations
 from .sources import ContrastSources
 from .strategies.acd import AutoContrastive, AutoContrastiveLogitsProcessor
+from .strategies.activation import ActivationDecoding
 from .strategies.amateur_cd import ContrastiveDecoding
 from .strategies.base import (
     ContrastInputs,
@@ -38,6 +40,9 @@ from .token_classes import TOKEN_CLASSES, TokenClassifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationDecoding",
+    "ContextEntropy",
+    "EntropySource",
     "ContrastiveDecoding",
     "InducedContrast",
     "LowerLayerFusion",

@@ -140,8 +140,6 @@ class ContrastLogitsProcessor(LogitsProcessor):
         """Forget the layer history and recorded states, e.g. between two ``generate`` calls."""
         self._chosen.clear()
         self.sources.clear()
-        if self.sources.amateur is not None:
-            self.sources.amateur._reset()
 
     def detach(self) -> None:
         """Detach everything; the model is left exactly as it was before the processor was built."""

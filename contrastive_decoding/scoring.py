@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context_entropy import ContextEntropy
 from .padding import pad_rows
 from .sources import ContrastSources
 from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
@@ -223,14 +224,38 @@ def _forward_full(model, sources, prefix, conts, pad_id, device):
     start = len(prefix) - 1  # the position predicting the first continuation token
     keep = ids.shape[1] - start
     logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, keep)).logits[:, -keep:]
-    return logits, _probe(sources, slice(-keep, None))
+    probe = _probe(sources, slice(-keep, None))
+    if sources is not None and sources.entropy is not None:
+        probe["entropy"] = _row_entropy(sources.entropy, len(prefix), mask)
+    return logits, probe
+
+
+def _row_entropy(entropy: ContextEntropy, prefix_len: int, mask: torch.Tensor) -> torch.Tensor:
+    """The context entropy at each position from the last prompt token on, ``(B, W - start, V)``,
+    for full right-padded rows of the last forward."""
+    rows = mask.shape[0]
+    states = entropy.states(rows)
+    start = prefix_len - 1
+    entropy.reset()
+    if entropy.source.context == "prompt":
+        entropy.absorb(states[:1, :prefix_len])  # every row shares the prompt
+        return entropy.entropy()[:, None].expand(rows, states.shape[1] - start, -1)
+    entropy.absorb(states[:, :start], mask[:, :start])
+    return entropy.absorb_each(states[:, start:], mask[:, start:])
 
 
 def _forward_prefix(model, sources, prefix, device):
     """The prompt alone, once: its last-position logits and probe, and its KV cache."""
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
     out = model(input_ids=ids, use_cache=True, **_logits_to_keep(model, 1))
-    return out.logits[:, -1:], _probe(sources, slice(-1, None)), out.past_key_values
+    probe = _probe(sources, slice(-1, None))
+    if sources is not None and sources.entropy is not None:
+        entropy = sources.entropy
+        entropy.reset()
+        entropy.absorb(entropy.states(1))
+        probe["entropy"] = entropy.entropy()[:, None]
+        probe["entropy_accumulators"] = entropy.accumulators
+    return out.logits[:, -1:], probe, out.past_key_values
 
 
 def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse_cache):
@@ -242,10 +267,12 @@ def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse
     rows = len(conts)
     logits = [prefix_logits.expand(rows, -1, -1)]
     states, streams = prefix_probe.get("states"), prefix_probe.get("streams")
+    entropy = prefix_probe.get("entropy")
     probes = [
         {
             "states": None if states is None else states.expand(-1, -1, rows, -1, -1),
             "streams": None if streams is None else streams.expand(-1, rows, -1, -1),
+            "entropy": None if entropy is None else entropy.expand(rows, -1, -1),
         }
     ]
     if max(len(c) for c in conts) > 1:
@@ -261,11 +288,23 @@ def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse
         )
         logits.append(out.logits)
         probes.append(_probe(sources, slice(None)))
+        if entropy is not None:
+            probes[-1]["entropy"] = _tail_entropy(sources.entropy, prefix_probe, tail_mask)
     probe = {
         key: None if probes[0].get(key) is None else torch.cat([p[key] for p in probes], dim)
-        for key, dim in (("states", 3), ("streams", 2))
+        for key, dim in (("states", 3), ("streams", 2), ("entropy", 1))
     }
     return torch.cat(logits, 1), probe
+
+
+def _tail_entropy(entropy: ContextEntropy, prefix_probe: dict, tail_mask: torch.Tensor) -> torch.Tensor:
+    """The context entropy at each continuation position of the last forward, ``(B, T, V)``, read
+    on from the prompt's."""
+    rows, length = tail_mask.shape
+    if entropy.source.context == "prompt":
+        return prefix_probe["entropy"].expand(rows, length, -1)
+    entropy.load(prefix_probe["entropy_accumulators"], rows)
+    return entropy.absorb_each(entropy.states(rows), tail_mask)
 
 
 def _logits_to_keep(model: nn.Module, keep: int) -> dict:
@@ -287,6 +326,7 @@ def _contrast_scores(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     states, streams = probe.get("states"), probe.get("streams")
     amateur_logits, amateur_states = probe.get("amateur", (None, None))
+    entropy = probe.get("entropy")
     amateur_readout = None if sources.amateur is None else sources.amateur.readout
     scores, chosen = [], []
     for lo in range(0, final.shape[0], positions_per_chunk):
@@ -301,6 +341,7 @@ def _contrast_scores(
             None if amateur_logits is None else amateur_logits[rows, pos],
             amateur_readout,
             None if amateur_states is None else amateur_states[:, rows, pos],
+            None if entropy is None else entropy[rows, pos],
         )
         out = sources.strategy.score(inputs, target_t[sl], protocol, floor)
         scores.append(out.scores)

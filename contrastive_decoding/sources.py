@@ -3,7 +3,7 @@
 :class:`ContrastSources` is the one piece of machinery behind the logits processor, the generate
 loop and scoring: for a :class:`~contrastive_decoding.ContrastStrategy` it attaches what the
 strategy declares (layer-capture hooks, degraded streams with attention suppression, an amateur
-stream) for the duration of a ``with`` block, and turns what they recorded into
+stream, a context entropy) for the duration of a ``with`` block, and turns what they recorded into
 :class:`~contrastive_decoding.ContrastInputs`.
 """
 
@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .amateur import AmateurRunner
 from .capture import LayerCapture
+from .context_entropy import ContextEntropy
 from .readout import LayerReadout
 from .strategies.base import ContrastInputs, ContrastStrategy
 from .streams import StreamRunner, _by_name
@@ -93,9 +94,14 @@ class ContrastSources:
             amateur_model = spec.model if spec.model is not None else model
             amateur_layers = strategy.amateur_layers(LayerReadout.from_model(amateur_model))
             self.amateur = AmateurRunner(spec, model, tokenizer, amateur_layers, positions=positions)
+        source = strategy.entropy_source(self.readout)
+        if source is not None:
+            self.readout.check_layers([source.layer], "entropy_source")
+        self.entropy = None if source is None else ContextEntropy(self.readout, source)
         self.keep_logits = keep_logits
         self.logits: torch.Tensor | None = None  # the model's own last-position logits
-        self.attention_mask: torch.Tensor | None = None  # the last forward's mask, for the amateur
+        self.attention_mask: torch.Tensor | None = None  # the last forward's mask
+        self.fresh = self.uncached = False  # whether the last forward started from an empty / no cache
         self._stack: ExitStack | None = None
         self._handles: list[RemovableHandle] = []
 
@@ -114,10 +120,13 @@ class ContrastSources:
                 stack.enter_context(self.streams)
             if self.capture is not None:
                 stack.enter_context(self.capture)
+            if self.entropy is not None:
+                stack.enter_context(self.entropy)
             if self.amateur is not None:
                 stack.enter_context(self.amateur)
+            if self.amateur is not None or self.entropy is not None:
                 self._handles.append(
-                    self.model.register_forward_pre_hook(self._record_mask, with_kwargs=True)
+                    self.model.register_forward_pre_hook(self._record_forward, with_kwargs=True)
                 )
             if self.keep_logits:
                 self._handles.append(self.model.register_forward_hook(self._record_logits))
@@ -141,14 +150,16 @@ class ContrastSources:
             handle.remove()
         self._handles.clear()
 
-    def _record_mask(self, module, args, kwargs):
-        if self.amateur.running:  # the amateur's own forward, when it runs the main model
+    def _record_forward(self, module, args, kwargs):
+        if self.amateur is not None and self.amateur.running:  # the amateur's own forward (same model)
             return
         named = _by_name(module, args, kwargs)
         mask = named.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = named.get("past_key_values")
-        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+        self.uncached = cache is None
+        self.fresh = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+        if self.fresh and self.amateur is not None:
             # A forward from an empty cache starts new sequences (a new `generate` call with the
             # same processor, or uncached decoding): the amateur reads them from the start too.
             self.amateur._reset()
@@ -158,10 +169,14 @@ class ContrastSources:
         self.logits = logits[:, -1, :].detach().clone()
 
     def clear(self) -> None:
-        """Forget recorded states and logits (hooks stay attached)."""
+        """Forget recorded states, logits and every row's context (hooks stay attached)."""
         self.logits = None
         if self.capture is not None:
             self.capture.clear()
+        if self.amateur is not None:
+            self.amateur._reset()
+        if self.entropy is not None:
+            self.entropy.reset()
 
     def states(self) -> torch.Tensor | None:
         """The declared layers' states of the last forward, ``(J, S, B, [T,] H)`` (stream-major rows)."""
@@ -184,6 +199,10 @@ class ContrastSources:
         # Read the main model's records before the amateur's forward, which may be the same model.
         states = self.states()
         streams = self.stream_logits()
+        entropy = None
+        if self.entropy is not None:
+            mask = self.attention_mask
+            entropy = self.entropy.step(input_ids, mask, self.fresh, self.uncached)
         amateur_logits = amateur_states = None
         if self.amateur is not None:
             mask = self.attention_mask
@@ -199,4 +218,5 @@ class ContrastSources:
             amateur_logits,
             None if self.amateur is None else self.amateur.readout,
             amateur_states,
+            entropy,
         )

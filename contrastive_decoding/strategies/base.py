@@ -7,6 +7,8 @@ A strategy is model-independent configuration plus math. It declares what it con
   suppressed (:meth:`ContrastStrategy.degraded_streams`, run as extra rows of every forward);
 * an amateur: a second model, or the same model behind an instruction prompt
   (:meth:`ContrastStrategy.amateur_stream`, run as a second forward with its own cache);
+* a context entropy: per token, the entropy over all context positions of one layer's early exits
+  (:meth:`ContrastStrategy.entropy_source`, activation decoding);
 
 and how their logits combine (:meth:`ContrastStrategy.combine`). The shared machinery (capture
 hooks, streams, the plausibility constraint, logits processors, generate loops and scoring) hands
@@ -29,6 +31,7 @@ from ..suppression import SuppressionRule
 
 if TYPE_CHECKING:
     from ..amateur import Amateur
+    from ..context_entropy import EntropySource
 
 __all__ = [
     "ContrastInputs",
@@ -80,6 +83,7 @@ class ContrastInputs:
         amateur_logits: torch.Tensor | None = None,
         amateur_readout: LayerReadout | None = None,
         amateur_states: torch.Tensor | None = None,
+        context_entropy: torch.Tensor | None = None,
     ) -> None:
         self.final = final
         self._readout = readout
@@ -90,6 +94,7 @@ class ContrastInputs:
         self._amateur_logits = amateur_logits  # (R, V)
         self._amateur_readout = amateur_readout
         self._amateur_states = amateur_states  # (J', R, H)
+        self._context_entropy = context_entropy  # (R, V)
         self._cache: dict[str, torch.Tensor] = {}
 
     def _exits(self, key: str, readout: LayerReadout | None, states: torch.Tensor | None, what: str):
@@ -135,6 +140,15 @@ class ContrastInputs:
         """Early exits of the amateur at its declared layers, ``(J', R, V)``."""
         return self._exits("amateur_layers", self._amateur_readout, self._amateur_states, "amateur layers")
 
+    @property
+    def context_entropy(self) -> torch.Tensor:
+        """Per-token entropy over the context positions at the declared layer, ``(R, V)``."""
+        if self._context_entropy is None:
+            raise RuntimeError(
+                f"This strategy reads a context entropy but declares none; {_DECLARE['context entropy']}"
+            )
+        return self._context_entropy.to(device=self.final.device, dtype=torch.float32)
+
     def view(
         self,
         layer_index: Sequence[int] | None,
@@ -161,6 +175,7 @@ class ContrastInputs:
             self._amateur_logits,
             self._amateur_readout,
             pick(self._amateur_states, amateur_layer_index, 0),
+            self._context_entropy,
         )
 
 
@@ -174,6 +189,7 @@ _DECLARE = {
     "amateur layers": (
         "return an amateur from `amateur_stream()` and its layers from `amateur_layers(readout)`."
     ),
+    "context entropy": "return its layer from `entropy_source(readout)`.",
 }
 
 
@@ -208,8 +224,8 @@ def protocol_token_scores(
 class ContrastStrategy:
     """Base class of every strategy: declare what to contrast, implement how it combines.
 
-    A subclass overrides any of :meth:`premature_layers`, :meth:`degraded_streams`, :meth:`amateur_stream` and
-    :meth:`amateur_layers` to say what it needs, and :meth:`combine` to turn the
+    A subclass overrides any of :meth:`premature_layers`, :meth:`degraded_streams`, :meth:`amateur_stream`,
+    :meth:`amateur_layers` and :meth:`entropy_source` to say what it needs, and :meth:`combine` to turn the
     :class:`ContrastInputs` into raw scores. The base class applies the adaptive plausibility
     constraint of the final distribution (``relative_top``; ``None`` turns it off): implausible
     tokens get ``-inf`` when decoding and the scoring protocol's floor when scoring. Strategies whose
@@ -261,6 +277,12 @@ class ContrastStrategy:
     def amateur_layers(self, readout: LayerReadout) -> list[int]:
         """Layers of the amateur whose early exits :meth:`combine` reads (default none)."""
         return []
+
+    def entropy_source(self, readout: LayerReadout) -> EntropySource | None:
+        """The layer whose early exits over all context positions give
+        :attr:`ContrastInputs.context_entropy` (default none; see
+        :class:`~contrastive_decoding.ActivationDecoding`)."""
+        return None
 
     def combine(self, inputs: ContrastInputs) -> torch.Tensor:
         """The raw contrast ``(R, V)`` before the plausibility filter; never edits inputs in place."""

@@ -106,6 +106,15 @@ class WeightedContrast(ContrastStrategy):
         own = (s.amateur_layers(readout) for _, s in self.parts if s.amateur_stream() is not None)
         return list(dict.fromkeys(layer for layers in own for layer in layers))
 
+    def entropy_source(self, readout: LayerReadout):
+        sources = {s.entropy_source(readout) for _, s in self.parts} - {None}
+        if len(sources) > 1:
+            raise ValueError(
+                f"The parts read context entropies from different sources ({sorted(map(repr, sources))}); "
+                "a composition keeps one: give them the same info layer, context and final_norm."
+            )
+        return next(iter(sources), None)
+
     def _views(self, inputs: ContrastInputs) -> list[ContrastInputs]:
         readout = inputs._readout
         if readout is None:
