@@ -26,6 +26,7 @@ from typing import Any
 
 from contrastive_decoding import (
     SLED,
+    ActivationDecoding,
     AutoContrastive,
     ContrastiveDecoding,
     DeCo,
@@ -262,6 +263,13 @@ register(
         "icd",
         InducedContrast,
         description="ICD prompt-only (Zhang et al. 2023): contrast with the model told to give false answers",
+    )
+)
+register(
+    StrategyEntry.for_class(
+        "activation",
+        ActivationDecoding,
+        description="activation decoding (Chen et al. 2024): favour tokens the context is sharp about",
     )
 )
 register(

@@ -3,6 +3,8 @@ against the library's own ``dola_generate``."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from contrastive_decoding.eval import STRATEGIES, EvalError, RunConfig, StrategyEntry, run_eval
@@ -258,6 +260,28 @@ def test_icd_and_lol_are_registered():
     run = build_strategy(model, "lol-prompt", {"amateur_instruction": "Lie.\n"}, tokenizer=TOKENIZER)
     assert isinstance(run.scoring, LowerLayerFusion) and run.params["amateur"] == "prompt"
     _registry_vs_processor(run, LowerLayerFusion(amateur="prompt", amateur_instruction="Lie.\n"))
+
+
+def test_activation_is_registered_and_runs_in_the_harness(tmp_path):
+    from contrastive_decoding import ActivationDecoding
+
+    model = tiny_model()
+    params = {"alpha": 2.0, "context": "all", "relative_top": None}
+    run = build_strategy(model, "activation", params, tokenizer=TOKENIZER)
+    assert isinstance(run.scoring, ActivationDecoding) and run.params["context"] == "all"
+    assert run.params["info_layer"] is None  # the paper's 26/32 of the depth, recorded as the default
+    _registry_vs_processor(run, ActivationDecoding(**params))
+    with pytest.raises(EvalError, match="context"):
+        build_strategy(model, "activation", {"context": "everything"}, tokenizer=TOKENIZER)
+    # One MC item end to end through the harness (run_eval scores with score_continuations).
+    data = write_mc_json(tmp_path)
+    cfg = RunConfig(benchmark="tfqa-hf", out=str(tmp_path / "ad"), data=str(data), strategy="activation",
+                    params=params, progress=False)  # fmt: skip
+    result = run_eval(cfg, model=model, tokenizer=TOKENIZER)
+    assert result.summary["complete"]
+    record = read_jsonl(tmp_path / "ad" / "items.jsonl")[0]
+    assert set(record["metrics"]) == {"mc1", "mc2"}
+    assert all(math.isfinite(x) for x in record["scores_mc1"] + record["scores_mc2"])
 
 
 def test_lol_refocus_is_put_in_front_of_every_prompt(tmp_path):
