@@ -18,6 +18,8 @@ Rows (each at every ``--batch-sizes`` value; batches > 1 are left padded):
   ``ContrastiveDecoding`` (amateur: the model's first quarter of blocks, a same-tokenizer stand-in
   for a smaller model) and ``WeightedContrast(DoLa high, 0.5 * ICD)``; prompt amateurs read a
   24-token instruction;
+* ``activation`` / ``activation all``: ``ContrastLogitsProcessor`` with ``ActivationDecoding``
+  (entropy over the prompt, read once; or over every token, one more early exit per step);
 * ``vista`` / ``acd`` / ``sled`` / ``deco``: those strategies' LogitsProcessors with their defaults
   in stock ``generate``;
 * ``rows x2`` / ``rows x3``: stock greedy with every row run 2 / 3 times in each forward
@@ -91,6 +93,8 @@ ROWS = (
     "lol prompt",
     "cd",
     "dola+icd",
+    "activation",
+    "activation all",
     "rows x2",
     "rows x3",
 )
@@ -336,6 +340,7 @@ def _truncated_amateur(model, keep: int):
 
 def _strategy(model, kind: str, row: str):
     from contrastive_decoding import (
+        ActivationDecoding,
         ContrastiveDecoding,
         DoLa,
         InducedContrast,
@@ -346,6 +351,8 @@ def _strategy(model, kind: str, row: str):
 
     if kind == "icd":
         return InducedContrast(instruction=_INSTRUCTION)
+    if kind == "activation":
+        return ActivationDecoding(context="all" if row.endswith("all") else "prompt")
     if kind == "lol":
         if row.endswith("prompt"):
             return LowerLayerFusion(amateur="prompt", amateur_instruction=_INSTRUCTION)
@@ -414,7 +421,7 @@ def _row_call(
         return _rows_call(model, int(row[-1]), ids, mask, common)
     if kind == "layercake":
         return _layercake_call(model, row, ids, mask, common, classifier)
-    if kind in ("icd", "lol", "cd", "dola+icd"):
+    if kind in ("icd", "lol", "cd", "dola+icd", "activation"):
         return _strategy_call(model, row, ids, mask, common, classifier)
     static = _static_layer(readout.num_layers, static_layer)
     dola_layers: Any = None if kind == "greedy" else ("high" if row.endswith("high") else static)
