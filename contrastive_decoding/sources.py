@@ -201,8 +201,7 @@ class ContrastSources:
         streams = self.stream_logits()
         entropy = None
         if self.entropy is not None:
-            mask = self.attention_mask
-            entropy = self.entropy.step(input_ids, mask, self.fresh, self.uncached)
+            entropy = self.entropy.step(input_ids, self.attention_mask, self.fresh, self.uncached)
         amateur_logits = amateur_states = None
         if self.amateur is not None:
             mask = self.attention_mask
