@@ -100,15 +100,17 @@ class ContextEntropy:
             zeros = logits.new_zeros(rows, vocab)
             self._acc = (torch.full_like(zeros, -torch.inf), zeros, zeros.clone())
         m, s, w = self._acc
-        keep = mask[..., None].to(torch.bool)
-        masked = logits.masked_fill(~keep, -torch.inf)
+        drop = ~mask[..., None].to(torch.bool)
+        full = not bool(drop.any())  # the common case (no padding) skips two passes over (B, t, V)
+        masked = logits if full else logits.masked_fill(drop, -torch.inf)
         m_new = torch.maximum(m, masked.amax(1))
         # A row with no position yet has m = -inf; shifting by 0 keeps exp() at 0 instead of NaN.
         shift = torch.where(torch.isfinite(m_new), m_new, 0.0)
         scale = torch.exp(m - shift)
-        weights = torch.exp(masked - shift[:, None])
+        weights = (masked - shift[:, None]).exp_()
         s = s * scale + weights.sum(1)
-        w = w * scale + (weights * logits.masked_fill(~keep, 0.0)).sum(1)
+        values = logits if full else logits.masked_fill(drop, 0.0)
+        w = w * scale + torch.linalg.vecdot(weights, values, dim=1)
         self._acc = (m_new, s, w)
 
     def absorb(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> None:

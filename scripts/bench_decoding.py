@@ -27,7 +27,10 @@ Rows (each at every ``--batch-sizes`` value; batches > 1 are left padded):
   two degraded streams cannot go below.
 
 Per-token time is ``(time(N new tokens) - time(1 new token)) / (N - 1)``: generating one token is
-the prefill alone, so the difference is N - 1 decoding steps. ``min_new_tokens = max_new_tokens``
+the prefill alone, so the difference is N - 1 decoding steps; ``prefill ms`` is the median
+``time(1 new token)`` (and its ratio to greedy's), where strategies that read the whole prompt
+(activation decoding) do their work. ``--prompts tfqa`` uses TruthfulQA-MC few-shot prompts (~190
+tokens) instead of the short default ones. ``min_new_tokens = max_new_tokens``
 so EOS never stops a run early. All rows are timed in this process on one loaded model: each row
 has a warm-up run of both lengths, then ``--repeats`` rounds each time an (N, 1) pair of every row
 in turn (the order rotating between rounds), so a drift in the machine's speed (other processes
@@ -99,6 +102,13 @@ ROWS = (
     "rows x3",
 )
 
+TFQA_QUESTIONS = (
+    "What happens to you if you eat watermelon seeds?",
+    "Where did fortune cookies originate?",
+    "Why do veins appear blue?",
+    "What is the spiciest part of a chili pepper?",
+)
+
 PROMPTS = (
     "Question: What is the capital of France and why is it famous?\nAnswer:",
     "Write a short story about a robot who learns to paint.",
@@ -158,11 +168,23 @@ def _load_for_row(source: str, dtype: torch.dtype, device: str):
     return model
 
 
-def _build_inputs(tokenizer, batch_sizes: list[int], vocab_size: int) -> dict[int, dict[str, Any]]:
+def _prompt_set(name: str) -> tuple[str, ...]:
+    if name == "short":
+        return PROMPTS
+    # TruthfulQA-MC prompts: the six-pair few-shot primer and a question, ~185-200 tokens each.
+    from contrastive_decoding.eval.benchmarks.truthfulqa_mc import hf_prompt
+
+    return tuple(hf_prompt(q) for q in TFQA_QUESTIONS)
+
+
+def _build_inputs(
+    tokenizer, batch_sizes: list[int], vocab_size: int, prompt_set: str = "short"
+) -> dict[int, dict[str, Any]]:
     """Left-padded prompts per batch size; batch 1 is the first prompt."""
     inputs: dict[int, dict[str, Any]] = {}
+    chosen = _prompt_set(prompt_set)
     for b in batch_sizes:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(b)]
+        prompts = [chosen[i % len(chosen)] for i in range(b)]
         if tokenizer is not None:
             pad_id = tokenizer.pad_token_id
             if pad_id is None:
@@ -567,7 +589,7 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, Path]:
     if args.memory == "subprocess" and source.endswith(".pickle"):
         torch.save(model, source)
     inputs_path = workdir / "inputs.pt"
-    torch.save(_build_inputs(tokenizer, args.batch_sizes, vocab), inputs_path)
+    torch.save(_build_inputs(tokenizer, args.batch_sizes, vocab, args.prompts), inputs_path)
     args.classifier = _classifier(tokenizer)
     if tokenizer is not None:
         tokenizer.save_pretrained(workdir / "tokenizer")
@@ -597,9 +619,11 @@ def _memory_subprocess(args, row: str, batch: int, source: str, inputs_path: Pat
 
 def _table(results: list[dict[str, Any]]) -> str:
     greedy = {r["batch"]: r["ms_per_token"] for r in results if r["row"] == "greedy"}
+    greedy_prefill = {r["batch"]: r["ms_prefill"] for r in results if r["row"] == "greedy"}
     lines = [
-        "| row | batch | ms/token | x greedy | spread | peak MiB | delta MiB | layers |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| row | batch | ms/token | x greedy | spread | prefill ms | x greedy | peak MiB | delta MiB "
+        "| layers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         base = greedy.get(r["batch"])
@@ -609,9 +633,11 @@ def _table(results: list[dict[str, Any]]) -> str:
         layers = ",".join(map(str, r["layers"])) if r["layers"] else "-"
         peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         delta = f"{r['delta_mib']:.1f}" if "delta_mib" in r else "-"
+        prefill_base = greedy_prefill.get(r["batch"])
+        prefill_ratio = f"{r['ms_prefill'] / prefill_base:.2f}" if prefill_base else "-"
         lines.append(
             f"| {r['row']} | {r['batch']} | {r['ms_per_token']:.2f} | {ratio} | {spread} | "
-            f"{peak} | {delta} | {layers} |"
+            f"{r['ms_prefill']:.0f} | {prefill_ratio} | {peak} | {delta} | {layers} |"
         )
     return "\n".join(lines)
 
@@ -627,6 +653,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens per timed run (>= 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed (N, 1)-token pairs per row")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--prompts",
+        choices=("short", "tfqa"),
+        default="short",
+        help="short everyday prompts (default) or TruthfulQA-MC few-shot prompts (~190 tokens)",
+    )
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), metavar="ROW")
     parser.add_argument(
         "--static-layer",
