@@ -12,6 +12,7 @@ from .generation import contrast_generate, dola_generate, strategy_generate
 from .loading import DEFAULT_MODEL, embedded_model_file, load_model
 from .plausibility import plausible_mask
 from .processor import ContrastLogitsProcessor, LayerContrastLogitsProcessor, StreamContrastLogitsProcessor
+from .prompt_cache import PromptCache
 from .readout import TESTED_MODEL_TYPES, LayerReadout, UnsupportedModelError
 from .scoring import ContinuationScore, score_continuations
 from .sources import ContrastSources
@@ -42,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationDecoding",
     "ContextEntropy",
+    "PromptCache",
     "EntropySource",
     "ContrastiveDecoding",
     "InducedContrast",

@@ -20,6 +20,7 @@ from torch import nn
 
 from .context_entropy import ContextEntropy
 from .padding import pad_rows
+from .prompt_cache import PromptCache
 from .sources import ContrastSources
 from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
 
@@ -91,6 +92,7 @@ def score_continuations(
     floor: float = -1000.0,
     positions_per_chunk: int = 64,
     share_prefix: bool = True,
+    prompt_cache: PromptCache | None = None,
 ) -> list[ContinuationScore]:
     """Score each continuation of ``prompt`` by teacher forcing.
 
@@ -120,6 +122,11 @@ def score_continuations(
         share_prefix: run the prompt once and the continuations on copies of its KV cache (one
             pass for the prompt, then one per batch of continuations); ``False`` runs each row's
             full text (prompt included) in one pass per batch.
+        prompt_cache: a :class:`~contrastive_decoding.PromptCache` of a primer that ``prompt``
+            starts with (a few-shot primer shared by many calls): only the tokens after it run, on
+            a copy of its KV cache. Used with ``share_prefix`` and strategies that read only
+            the positions of each forward (none with degraded streams, an amateur or a context
+            entropy, which read the whole prompt); otherwise ignored.
 
     Returns:
         One :class:`ContinuationScore` per continuation, in order.
@@ -158,7 +165,10 @@ def score_continuations(
                 logits, probe = _forward_full(model, sources, prefix, chunk, pad_id, device)
             else:
                 if prefix_pass is None:
-                    prefix_pass = _forward_prefix(model, sources, prefix, device)
+                    primer = None
+                    if prompt_cache is not None and _reads_each_forward_only(sources):
+                        primer = prompt_cache.start(model, tokenizer, prompt, prefix)
+                    prefix_pass = _forward_prefix(model, sources, prefix, device, primer)
                 reuse = lo + step < len(conts)
                 logits, probe = _forward_on_prefix(model, sources, prefix_pass, chunk, pad_id, device, reuse)
             if sources is not None and sources.amateur is not None:
@@ -244,10 +254,19 @@ def _row_entropy(entropy: ContextEntropy, prefix_len: int, mask: torch.Tensor) -
     return entropy.absorb_each(states[:, start:], mask[:, start:])
 
 
-def _forward_prefix(model, sources, prefix, device):
-    """The prompt alone, once: its last-position logits and probe, and its KV cache."""
-    ids = torch.tensor([prefix], dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, **_logits_to_keep(model, 1))
+def _reads_each_forward_only(sources: ContrastSources | None) -> bool:
+    """Whether scoring may start from a cached primer: nothing attached reads the whole prompt."""
+    if sources is None:
+        return True
+    return sources.streams is None and sources.amateur is None and sources.entropy is None
+
+
+def _forward_prefix(model, sources, prefix, device, primer=None):
+    """The prompt alone, once: its last-position logits and probe, and its KV cache. With
+    ``primer`` = ``(n, cache)``, only the tokens after the first ``n`` run, on ``cache``."""
+    start, cache = primer if primer is not None else (0, None)
+    ids = torch.tensor([prefix[start:]], dtype=torch.long, device=device)
+    out = model(input_ids=ids, use_cache=True, past_key_values=cache, **_logits_to_keep(model, 1))
     probe = _probe(sources, slice(-1, None))
     if sources is not None and sources.entropy is not None:
         entropy = sources.entropy

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from contrastive_decoding import ContinuationScore, score_continuations
+from contrastive_decoding import ContinuationScore, PromptCache, score_continuations
 
 from ..data import DataSource
 from ..generation import Generated, generate_batch
@@ -57,9 +57,19 @@ class EvalContext:
     repetition_penalty: float | None = None
     judge: Any | None = None
     floor: float = -1000.0
+    prompt_caches: dict[str, PromptCache] = field(default_factory=dict)
 
-    def score(self, prompt: str, continuations: Sequence[str]) -> list[ContinuationScore]:
-        """All continuations of one prompt in one batched ``score_continuations`` call."""
+    def score(
+        self, prompt: str, continuations: Sequence[str], primer: str | None = None
+    ) -> list[ContinuationScore]:
+        """All continuations of one prompt in one batched ``score_continuations`` call.
+
+        ``primer``: the few-shot text every prompt of the benchmark starts with; its KV cache is
+        computed once per run (see :class:`~contrastive_decoding.PromptCache`).
+        """
+        cache = None
+        if primer is not None:
+            cache = self.prompt_caches.setdefault(primer, PromptCache(primer))
         return score_continuations(
             self.model,
             self.tokenizer,
@@ -68,6 +78,7 @@ class EvalContext:
             strategy=self.strategy.scoring,
             protocol=self.protocol,
             floor=self.floor,
+            prompt_cache=cache,
         )
 
     def _refocused(self, prompt: str) -> str:

@@ -20,7 +20,12 @@ from typing import Any
 from ..data import DataSource, numbered, read_csv_rows, read_json_records, require_keys
 from ..errors import DataError
 from ..metrics import tfqa_mc_dola, tfqa_mc_hf
-from ..prompts import TRUTHFULQA_PRIMER_SOURCE, TRUTHFULQA_QA_PAIRS, TRUTHFULQA_QA_PAIRS_SOURCE
+from ..prompts import (
+    TRUTHFULQA_PRIMER,
+    TRUTHFULQA_PRIMER_SOURCE,
+    TRUTHFULQA_QA_PAIRS,
+    TRUTHFULQA_QA_PAIRS_SOURCE,
+)
 from .base import Benchmark, EvalContext, Metric, layer_histogram
 
 __all__ = ["TFQA_DOLA", "TFQA_HF", "format_best", "split_multi_answer"]
@@ -154,7 +159,7 @@ def evaluate_dola(ctx: EvalContext, items: list[dict]) -> list[dict]:
             true.append(item["best"])
             best_index = len(true) - 1
         answers = true + list(item["false"])
-        scores = ctx.score(dola_prompt(item["question"]), [" " + a for a in answers])
+        scores = ctx.score(dola_prompt(item["question"]), [" " + a for a in answers], TRUTHFULQA_PRIMER)
         totals = [s.total for s in scores]
         s_true, s_false = totals[: len(true)], totals[len(true) :]
         records.append(
@@ -174,7 +179,7 @@ def evaluate_hf(ctx: EvalContext, items: list[dict]) -> list[dict]:
     for item in items:
         # mc1's choices are mostly among mc2's: score each distinct text once.
         unique = list(dict.fromkeys(item["mc1"] + item["mc2"]))
-        scores = ctx.score(hf_prompt(item["question"]), [" " + c for c in unique])
+        scores = ctx.score(hf_prompt(item["question"]), [" " + c for c in unique], TRUTHFULQA_QA_PAIRS)
         by_text = {c: s.total for c, s in zip(unique, scores, strict=True)}
         mc1 = [by_text[c] for c in item["mc1"]]
         mc2 = [by_text[c] for c in item["mc2"]]

@@ -74,6 +74,25 @@ def test_tfqa_hf_baseline_matches_independent_loglik(tmp_path):
         assert records[i]["metrics"]["mc2"] == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.parametrize("strategy", ["baseline", "dola-high"])
+def test_tfqa_runs_the_few_shot_primer_once_per_run(tmp_path, strategy):
+    # Every question's prompt starts with the primer: its KV cache is computed once (PromptCache),
+    # and each question runs only its own tokens (scores checked against full passes above).
+    lengths: list[int] = []
+
+    def record(module, args, kwargs):
+        lengths.append(int(kwargs["input_ids"].shape[1]))
+
+    handle = tiny_model().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        result = _run(tmp_path, "tfqa-hf", data=write_mc_json(tmp_path), strategy=strategy)
+    finally:
+        handle.remove()
+    primer = len(TOKENIZER(TRUTHFULQA_PRIMER.split("\n\n", 1)[1])["input_ids"])
+    assert result.total == len(MC_RECORDS) >= 2
+    assert lengths.count(primer) == 1 and max(lengths) == primer
+
+
 def test_tfqa_dola_baseline_matches_independent_loglik(tmp_path):
     result = _run(tmp_path, "tfqa-dola", data=write_tfqa_csv(tmp_path))
     records = {r["id"]: r for r in read_jsonl(result.out / "items.jsonl")}
