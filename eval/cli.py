@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", "-o", default="plots", help="folder for the PNG files")
 
     tb = sub.add_parser("table", help="Markdown table of finished runs")
-    tb.add_argument("runs", nargs="+", help="finished run folders")
+    tb.add_argument("runs", nargs="+", help="run folders (unfinished runs are left out, with a note)")
 
     sub.add_parser("list", help="benchmarks, strategies and presets")
     return parser
@@ -180,9 +180,17 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_table(args) -> int:
-    from .summary import load_summary, markdown_table
+    from .runner import RUN_FILE
+    from .summary import SUMMARY_JSON, load_summary, markdown_table
 
-    print(markdown_table([load_summary(Path(r)) for r in args.runs]), end="")
+    summaries = []
+    for run in map(Path, args.runs):
+        if run.is_dir() and (run / RUN_FILE).is_file() and not (run / SUMMARY_JSON).is_file():
+            # A run still in progress (or interrupted): a table of a results tree leaves it out.
+            print(f"{run}: unfinished, left out (rerun its eval command to finish it)", file=sys.stderr)
+            continue
+        summaries.append(load_summary(run))
+    print(markdown_table(summaries), end="")
     return 0
 
 

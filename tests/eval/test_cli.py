@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,17 @@ def test_plot_and_table(runs, tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["table", str(runs["base"]), str(runs["dola"])]) == 0
     assert capsys.readouterr().out.count("| tfqa-dola |") == 2
+    # An unfinished run (settings and some items, no summary) is left out with a note on stderr;
+    # a folder that is no run at all is still an error.
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(runs["dola"] / "run.json", unfinished / "run.json")
+    shutil.copy(runs["dola"] / "items.jsonl", unfinished / "items.jsonl")
+    assert main(["table", str(runs["base"]), str(unfinished)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("| tfqa-dola |") == 1 and "unfinished, left out" in captured.err
+    assert main(["table", str(tmp_path / "nothing-here")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
 
 
 def test_list(capsys):
