@@ -189,7 +189,7 @@ _DECLARE = {
     "amateur layers": (
         "return an amateur from `amateur_stream()` and its layers from `amateur_layers(readout)`."
     ),
-    "context entropy": "return its layer from `entropy_source(readout)`.",
+    "context entropy": "return an EntropySource (layer, context) from `entropy_source(readout)`.",
 }
 
 

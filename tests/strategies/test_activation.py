@@ -502,6 +502,24 @@ def test_bad_arguments_refused_before_attaching(tokenizer, kwargs, fragment):
     assert_same_state(before, model_state(model))
 
 
+def test_composition_of_two_different_entropy_sources_is_refused(tokenizer):
+    model = _model("llama")
+    before = model_state(model)
+    combo = WeightedContrast([ActivationDecoding(context="prompt"), ActivationDecoding(context="all")])
+    with pytest.raises(ValueError, match="different sources"):
+        ContrastLogitsProcessor(model, combo)
+    with pytest.raises(ValueError, match="different sources"):
+        score_continuations(model, tokenizer, PROMPT, [" x"], strategy=combo)
+    assert_same_state(before, model_state(model))
+    # The same source twice is one entropy, shared.
+    same = WeightedContrast([(1.0, ActivationDecoding(alpha=1.0)), (2.0, ActivationDecoding(alpha=3.0))])
+    single = ActivationDecoding(alpha=7.0 / 3.0)  # 1*(lq - E) + 2*(lq - 3E) = 3*(lq - 7/3 E)
+    both = score_continuations(model, tokenizer, PROMPT, [" x", " Paris."], strategy=same)
+    alone = score_continuations(model, tokenizer, PROMPT, [" x", " Paris."], strategy=single)
+    for a, b in zip(both, alone, strict=True):
+        torch.testing.assert_close(a.token_scores, 3.0 * b.token_scores, rtol=1e-5, atol=1e-4)
+
+
 def test_layer_valid_on_a_deep_model_refused_on_a_shallow_one(tokenizer):
     """A layer index is checked against the model the strategy meets: 20 fits 32 layers, not 6."""
     strategy = ActivationDecoding(info_layer=20)
