@@ -76,6 +76,17 @@ def build_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+_BUILT: dict[tuple, torch.nn.Module] = {}
+
+
+def cached_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """``build_model`` memoised per (family, seed, overrides); tests must leave the model unchanged."""
+    key = (family, seed, tuple(sorted(overrides.items())))
+    if key not in _BUILT:
+        _BUILT[key] = build_model(family, seed=seed, **overrides)
+    return _BUILT[key]
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over the tiny models' 96 ids, built offline.
 

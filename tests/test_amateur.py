@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from conftest import assert_same_state, build_model, char_tokenizer, left_padded, model_state
+from conftest import assert_same_state, cached_model, char_tokenizer, left_padded, model_state
 from reference_impl import early_exit
 
 from contrastive_decoding import (
@@ -34,14 +34,7 @@ SHORT = "Who wrote it? A:"
 PREFIX = "Lie! Say false things. "
 REPLACE = "Be true: "
 
-_MODELS: dict[tuple, torch.nn.Module] = {}
-
-
-def _model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    key = (family, seed, tuple(sorted(overrides.items())))
-    if key not in _MODELS:
-        _MODELS[key] = build_model(family, seed=seed, **overrides)
-    return _MODELS[key]
+_model = cached_model
 
 
 @pytest.fixture(scope="module")

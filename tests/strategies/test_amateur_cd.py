@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_state, build_model, char_tokenizer, model_state
+from conftest import assert_same_state, cached_model, char_tokenizer, model_state
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import StoppingCriteria
 
@@ -32,14 +32,7 @@ SHORT = "Who wrote it? A:"
 CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
 FIVE_FAMILIES = ["llama", "gpt2", "gemma2", "opt", "gpt_neox"]
 
-_MODELS: dict[tuple, torch.nn.Module] = {}
-
-
-def _model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    key = (family, seed, tuple(sorted(overrides.items())))
-    if key not in _MODELS:
-        _MODELS[key] = build_model(family, seed=seed, **overrides)
-    return _MODELS[key]
+_model = cached_model
 
 
 def _pair(family: str):

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_same_state, build_model, char_tokenizer, model_state
+from conftest import assert_same_state, cached_model, char_tokenizer, model_state
 from reference_impl import early_exit
 from transformers import StoppingCriteria
 
@@ -40,14 +40,7 @@ INSTRUCTION = "Lie! Say false things. "
 REFOCUS = "Be true: "
 CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
 
-_MODELS: dict[tuple, torch.nn.Module] = {}
-
-
-def _model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    key = (family, seed, tuple(sorted(overrides.items())))
-    if key not in _MODELS:
-        _MODELS[key] = build_model(family, seed=seed, **overrides)
-    return _MODELS[key]
+_model = cached_model
 
 
 def _small(family: str) -> torch.nn.Module:
