@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .cache_names import cache_argument, cache_of_output
 from .capture import LayerCapture
 from .padding import pad_rows
 from .readout import LayerReadout
@@ -145,6 +146,7 @@ class AmateurRunner:
         self.layers = self.readout.check_layers(list(layers), "amateur_layers") if layers else []
         self.capture = LayerCapture(self.readout, self.layers, positions=positions) if self.layers else None
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+        self._cache_argument = cache_argument(self.model)
         self.running = False  # True during the amateur's own forward (the main model's hooks see it)
         self._reset()
 
@@ -182,7 +184,7 @@ class AmateurRunner:
         return row[:head] + self.prefix + rest
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache) -> object:
-        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, "past_key_values": cache}
+        kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": True, self._cache_argument: cache}
         if self._takes_positions:
             kwargs["position_ids"] = positions
         return self.model(**kwargs)
@@ -215,7 +217,7 @@ class AmateurRunner:
             out = self._forward(ids, self._mask, positions, self._cache)
         finally:
             self.running = False
-        self._cache = out.past_key_values
+        self._cache = cache_of_output(out)
         self._seen = input_ids.clone()
         states = self.capture.stacked() if self.capture is not None else None
         return out.logits[:, -1, :].float(), states

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .cache_names import cache_field, cache_from
 from .sources import ContrastSources
 from .strategies.base import ContrastStrategy
 from .strategies.dola import DoLa, DoLaLayers
@@ -70,10 +71,11 @@ def contrast_generate(
         tokenizer = model_kwargs.pop("tokenizer", None)
     source = ContrastSources(model, strategy, tokenizer, classifier)
     if source.streams is not None or source.amateur is not None:
-        cache = model_kwargs.get("past_key_values")
+        cache = cache_from(model_kwargs)
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError(
-                f"{loop_name} keeps a cache row per stream; do not pass a filled `past_key_values`."
+                f"{loop_name} keeps a cache row per stream; "
+                "do not pass a filled KV cache (`cache` or `past_key_values`)."
             )
     layer_ids = torch.tensor(source.layers, dtype=torch.long, device=input_ids.device)
 
@@ -154,7 +156,7 @@ def contrast_generate(
         sequences=input_ids,
         scores=scores,
         logits=raw_logits,
-        past_key_values=model_kwargs.get("past_key_values"),
+        **{cache_field(GenerateDecoderOnlyOutput): cache_from(model_kwargs)},
     )
     if chosen_history:
         output["premature_layers"] = torch.stack(chosen_history, dim=1)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cache_names import cache_of_output
+
 __all__ = ["PromptCache"]
 
 
@@ -59,6 +61,28 @@ class PromptCache:
     ) -> tuple[int, Any] | None:
         """``(cached tokens, a copy of their KV cache)`` for a prompt starting with the primer, or
         ``None`` when the prompt must run in full."""
+        n = self._cached_length(model, tokenizer, prompt, prompt_ids)
+        return None if n is None else (n, copy.deepcopy(self._cache))
+
+    def start_batch(
+        self, model: nn.Module, tokenizer, prompts: list[str], prompt_ids: list[list[int]]
+    ) -> tuple[int, Any] | None:
+        """``(cached tokens, a KV cache with one row per prompt)`` when every prompt can start from
+        the primer, else ``None`` (the batch runs in full). Generation uses it: each row is the
+        cached tokens, then its own tokens, left-padded to a common length."""
+        if not prompts:
+            return None
+        pairs = zip(prompts, prompt_ids, strict=True)
+        lengths = [self._cached_length(model, tokenizer, p, i) for p, i in pairs]
+        if any(n is None for n in lengths):
+            return None
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(len(prompts))
+        return lengths[0], cache
+
+    def _cached_length(self, model: nn.Module, tokenizer, prompt: str, prompt_ids: list[int]) -> int | None:
+        """How many leading tokens of ``prompt_ids`` the cache holds (computing it on first use), or
+        ``None`` when the prompt must run in full."""
         owner = (id(model), id(tokenizer))
         if self._owner is not None and self._owner != owner:
             raise ValueError(
@@ -84,5 +108,5 @@ class PromptCache:
             device = next(model.parameters()).device
             ids = torch.tensor([self._tokens], dtype=torch.long, device=device)
             with torch.no_grad():  # once per cache: not worth skipping the primer's logits
-                self._cache = model(input_ids=ids, use_cache=True).past_key_values
-        return n, copy.deepcopy(self._cache)
+                self._cache = cache_of_output(model(input_ids=ids, use_cache=True))
+        return n

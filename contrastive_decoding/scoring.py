@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache_names import cache_argument, cache_of_output
 from .context_entropy import ContextEntropy
 from .padding import pad_rows
 from .prompt_cache import PromptCache
@@ -266,7 +267,7 @@ def _forward_prefix(model, sources, prefix, device, primer=None):
     ``primer`` = ``(n, cache)``, only the tokens after the first ``n`` run, on ``cache``."""
     start, cache = primer if primer is not None else (0, None)
     ids = torch.tensor([prefix[start:]], dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, past_key_values=cache, **_logits_to_keep(model, 1))
+    out = model(input_ids=ids, use_cache=True, **{cache_argument(model): cache}, **_logits_to_keep(model, 1))
     probe = _probe(sources, slice(-1, None))
     if sources is not None and sources.entropy is not None:
         entropy = sources.entropy
@@ -274,7 +275,7 @@ def _forward_prefix(model, sources, prefix, device, primer=None):
         entropy.absorb(entropy.states(1))
         probe["entropy"] = entropy.entropy()[:, None]
         probe["entropy_accumulators"] = entropy.accumulators
-    return out.logits[:, -1:], probe, out.past_key_values
+    return out.logits[:, -1:], probe, cache_of_output(out)
 
 
 def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse_cache):
@@ -302,9 +303,8 @@ def _forward_on_prefix(model, sources, prefix_pass, conts, pad_id, device, reuse
         tail, tail_mask = pad_rows([c[:-1] or [pad_id] for c in conts], pad_id, device)
         tail_mask[:, 0] = 1  # one-token continuations feed a dummy token whose output is unused
         prompt_mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long, device=device)
-        out = model(
-            input_ids=tail, attention_mask=torch.cat([prompt_mask, tail_mask], 1), past_key_values=cache
-        )
+        mask = torch.cat([prompt_mask, tail_mask], 1)
+        out = model(input_ids=tail, attention_mask=mask, **{cache_argument(model): cache})
         logits.append(out.logits)
         probes.append(_probe(sources, slice(None)))
         if entropy is not None:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .amateur import AmateurRunner
+from .cache_names import cache_from
 from .capture import LayerCapture
 from .context_entropy import ContextEntropy
 from .readout import LayerReadout
@@ -156,7 +157,7 @@ class ContrastSources:
         named = _by_name(module, args, kwargs)
         mask = named.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        cache = named.get("past_key_values")
+        cache = cache_from(named)
         self.uncached = cache is None
         self.fresh = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
         if self.fresh and self.amateur is not None:

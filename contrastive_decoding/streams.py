@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .cache_names import cache_from
 from .suppression import AttentionSuppression, SuppressionRule
 
 __all__ = ["StreamBatch", "StreamRunner"]
@@ -88,7 +89,7 @@ class StreamBatch:
             ids = kwargs.get("inputs_embeds")
         rows = ids.shape[0]
         total = rows * self.num_streams
-        cached = _cache_rows(kwargs.get("past_key_values"))
+        cached = _cache_rows(cache_from(kwargs))
         if cached is not None and cached != total:
             raise RuntimeError(
                 f"The KV cache has {cached} rows but {self.num_streams} streams of {rows} rows need {total}; "

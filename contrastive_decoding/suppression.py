@@ -33,6 +33,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .cache_names import cache_from
 from .readout import LayerReadout, check_layer_indices
 from .token_classes import NO_CLASS, TOKEN_CLASSES, class_index, make_classifier
 
@@ -368,7 +369,7 @@ class AttentionSuppression:
                 "`inputs_embeds` cannot be suppressed by token class."
             )
         rows, width = input_ids.shape
-        cache = kwargs.get("past_key_values")
+        cache = cache_from(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
         real = mask[:, -width:].bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None

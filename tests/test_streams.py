@@ -7,6 +7,7 @@ import torch
 from conftest import FAMILIES, assert_same_state, char_tokenizer, model_state
 
 from contrastive_decoding import AttentionSuppression, StreamBatch, StreamRunner, SuppressionRule
+from contrastive_decoding.cache_names import cache_of_output
 
 # Tiny models: one intra-op thread is fastest and immune to CPU contention.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,7 +55,7 @@ def test_stream_batch_cuts_outputs_back_and_restores(family, tiny_model):
         out = tiny_model(ids, output_hidden_states=True, use_cache=True)
     assert out.logits.shape[0] == 1 and batch.logits is None
     assert all(h.shape[0] == 1 for h in out.hidden_states)
-    assert out.past_key_values.get_seq_length() == 4
+    assert cache_of_output(out).get_seq_length() == 4
     assert_same_state(before, model_state(tiny_model))
     with pytest.raises(ValueError, match="`num_streams`"):
         StreamBatch(tiny_model, 0)

@@ -67,9 +67,6 @@ class EvalContext:
         ``primer``: the few-shot text every prompt of the benchmark starts with; its KV cache is
         computed once per run (see :class:`~contrastive_decoding.PromptCache`).
         """
-        cache = None
-        if primer is not None:
-            cache = self.prompt_caches.setdefault(primer, PromptCache(primer))
         return score_continuations(
             self.model,
             self.tokenizer,
@@ -78,16 +75,27 @@ class EvalContext:
             strategy=self.strategy.scoring,
             protocol=self.protocol,
             floor=self.floor,
-            prompt_cache=cache,
+            prompt_cache=self._prompt_cache(primer),
         )
+
+    def _prompt_cache(self, primer: str | None) -> PromptCache | None:
+        if primer is None:
+            return None
+        return self.prompt_caches.setdefault(primer, PromptCache(primer))
 
     def _refocused(self, prompt: str) -> str:
         # Strategies with an instruction for the original stream only (LOL's refocus) put it first.
         refocus = getattr(self.strategy.scoring, "refocus_prompt", None)
         return prompt if refocus is None else refocus(prompt)
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[Generated]:
-        """Greedy continuations of a batch of prompts (left-padded)."""
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str], primer: str | None = None
+    ) -> list[Generated]:
+        """Greedy continuations of a batch of prompts (left-padded).
+
+        ``primer``: the few-shot text every prompt starts with; its KV cache is computed once per
+        run and each batch decodes from it (see :func:`~contrastive_decoding.eval.generation.generate_batch`).
+        """
         return generate_batch(
             self.model,
             self.tokenizer,
@@ -96,6 +104,7 @@ class EvalContext:
             self.max_new_tokens or max_new_tokens,
             stop,
             self.repetition_penalty,
+            self._prompt_cache(primer),
         )
 
 
@@ -122,7 +131,7 @@ def evaluate_few_shot_cot(
     """Greedy chain-of-thought answers to few-shot prompts, scored by exact match of the extracted
     answer with ``item["gold"]`` (an answer that cannot be extracted counts as wrong)."""
     prompts = [few_shot_prompt(demo, it["question"]) for it in items]
-    outputs = ctx.generate(prompts, max_new_tokens, stop)
+    outputs = ctx.generate(prompts, max_new_tokens, stop, primer=demo)
     records = []
     for item, gen in zip(items, outputs, strict=True):
         completion = gen.text.strip()

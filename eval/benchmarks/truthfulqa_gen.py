@@ -16,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from contrastive_decoding.prompts import TRUTHFULQA_PRIMER
+
 from ..metrics import SIMILARITY_METRICS, similarity_metrics
 from ..prompts import TRUTHFULQA_PRIMER_SOURCE, TRUTHFULQA_QA_PAIRS, TRUTHFULQA_QA_PAIRS_SOURCE
 from .base import Benchmark, EvalContext, Metric
@@ -45,9 +47,10 @@ def _lmeval_prompt(question: str) -> str:
     return TRUTHFULQA_QA_PAIRS + "Q: " + question.strip()
 
 
-def _make_evaluate(prompt_fn, max_new_tokens: int, stop: tuple[str, ...], strip: bool):
+def _make_evaluate(prompt_fn, primer: str, max_new_tokens: int, stop: tuple[str, ...], strip: bool):
     def evaluate(ctx: EvalContext, items: list[dict]) -> list[dict]:
-        outputs = ctx.generate([prompt_fn(it["question"]) for it in items], max_new_tokens, stop)
+        prompts = [prompt_fn(it["question"]) for it in items]
+        outputs = ctx.generate(prompts, max_new_tokens, stop, primer=primer)
         records = []
         for item, gen in zip(items, outputs, strict=True):
             answer = gen.text.strip() if strip else gen.text
@@ -88,7 +91,7 @@ TFQA_GEN = Benchmark(
     source=CSV_SOURCE,
     read_file=_read,
     from_hub=csv_from_hub,
-    evaluate=_make_evaluate(_dola_prompt, 50, ("Q:",), strip=True),
+    evaluate=_make_evaluate(_dola_prompt, TRUTHFULQA_PRIMER, 50, ("Q:",), strip=True),
     metrics=_SIMILARITY,
     optional_metrics=_JUDGE,
     prompt=f"{TRUTHFULQA_PRIMER_SOURCE} + 'Q: {{question}}\\nA:'",
@@ -105,7 +108,7 @@ TFQA_GEN_LMEVAL = Benchmark(
     source=CSV_SOURCE,
     read_file=_read,
     from_hub=csv_from_hub,
-    evaluate=_make_evaluate(_lmeval_prompt, 256, ("\n\n",), strip=False),
+    evaluate=_make_evaluate(_lmeval_prompt, TRUTHFULQA_QA_PAIRS, 256, ("\n\n",), strip=False),
     metrics=_SIMILARITY,
     optional_metrics=_JUDGE,
     prompt=f"{TRUTHFULQA_QA_PAIRS_SOURCE} + 'Q: {{question}}' (lm-eval truthfulqa_gen.yaml)",
