@@ -23,7 +23,10 @@ def _pyplot():
 
 
 def _label(summary: dict[str, Any]) -> str:
-    return f"{summary['strategy_label']}\n{summary['benchmark']}"
+    # The scoring protocol tells apart runs of one strategy scored under both conventions.
+    protocol = summary.get("scoring_protocol")
+    name = summary["strategy_label"] + (f" ({protocol})" if protocol not in (None, "loglik") else "")
+    return f"{name}\n{summary['benchmark']}"
 
 
 def plot_metric(folders: Sequence[str | Path], metric: str | None, out: str | Path) -> Path:

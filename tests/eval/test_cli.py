@@ -197,3 +197,13 @@ def test_installed_entry_point(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "valid: tfqa-dola" in done.stderr
     assert not out.exists()
+
+
+def test_plot_labels_tell_scoring_protocols_apart():
+    from contrastive_decoding.eval.plot import _label
+
+    run = {"strategy_label": "dola-high", "benchmark": "halueval"}
+    assert _label({**run, "scoring_protocol": "paper"}) == "dola-high (paper)\nhalueval"
+    assert _label({**run, "scoring_protocol": "normalized"}) == "dola-high (normalized)\nhalueval"
+    assert _label({**run, "scoring_protocol": "loglik"}) == "dola-high\nhalueval"
+    assert _label({**run, "scoring_protocol": None}) == "dola-high\nhalueval"
