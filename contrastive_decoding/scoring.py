@@ -22,7 +22,7 @@ from .cache_names import cache_argument, cache_of_output
 from .context_entropy import ContextEntropy
 from .padding import pad_rows
 from .prompt_cache import PromptCache
-from .sources import ContrastSources
+from .sources import ContrastSources, reads_whole_prompt
 from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
 
 __all__ = ["ContinuationScore", "score_continuations"]
@@ -167,7 +167,7 @@ def score_continuations(
             else:
                 if prefix_pass is None:
                     primer = None
-                    if prompt_cache is not None and _reads_each_forward_only(sources):
+                    if prompt_cache is not None and not _reads_whole_prompt(strategy, sources):
                         primer = prompt_cache.start(model, tokenizer, prompt, prefix)
                     prefix_pass = _forward_prefix(model, sources, prefix, device, primer)
                 reuse = lo + step < len(conts)
@@ -255,11 +255,8 @@ def _row_entropy(entropy: ContextEntropy, prefix_len: int, mask: torch.Tensor) -
     return entropy.absorb_each(states[:, start:], mask[:, start:])
 
 
-def _reads_each_forward_only(sources: ContrastSources | None) -> bool:
-    """Whether scoring may start from a cached primer: nothing attached reads the whole prompt."""
-    if sources is None:
-        return True
-    return sources.streams is None and sources.amateur is None and sources.entropy is None
+def _reads_whole_prompt(strategy: ContrastStrategy | None, sources: ContrastSources | None) -> bool:
+    return sources is not None and reads_whole_prompt(strategy, sources.readout)
 
 
 def _forward_prefix(model, sources, prefix, device, primer=None):

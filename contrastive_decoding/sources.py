@@ -24,7 +24,7 @@ from .readout import LayerReadout
 from .strategies.base import ContrastInputs, ContrastStrategy
 from .streams import StreamRunner, _by_name
 
-__all__ = ["ContrastSources"]
+__all__ = ["ContrastSources", "reads_whole_prompt"]
 
 
 class ContrastSources:
@@ -220,3 +220,17 @@ class ContrastSources:
             amateur_states,
             entropy,
         )
+
+
+def reads_whole_prompt(strategy: ContrastStrategy | None, readout: LayerReadout) -> bool:
+    """Whether ``strategy`` attaches something that reads every prompt position in a pass of its
+    own, so that a forward may not start from a cached primer: degraded streams and an amateur keep
+    KV caches of their own, and a context entropy reads every position (what
+    :class:`ContrastSources` attaches for these declarations)."""
+    if strategy is None:
+        return False
+    return (
+        bool(strategy.degraded_streams(readout))
+        or strategy.amateur_stream() is not None
+        or strategy.entropy_source(readout) is not None
+    )

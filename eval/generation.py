@@ -21,6 +21,7 @@ from transformers import StoppingCriteriaList, StopStringCriteria
 from contrastive_decoding import PromptCache
 from contrastive_decoding.cache_names import cache_argument
 from contrastive_decoding.readout import LayerReadout
+from contrastive_decoding.sources import reads_whole_prompt
 
 from .strategies import StrategyRun
 
@@ -112,7 +113,7 @@ def generate_batch(
     """
     penalty = strategy.repetition_penalty if repetition_penalty is None else repetition_penalty
     primed = None
-    if prompt_cache is not None and _reads_each_forward_only(model, strategy):
+    if prompt_cache is not None and not reads_whole_prompt(strategy.scoring, LayerReadout.from_model(model)):
         primed = _primed_batch(model, tokenizer, list(prompts), prompt_cache)
     if primed is not None:
         enc, cache = primed
@@ -159,21 +160,6 @@ def generate_batch(
     return results
 
 
-def _reads_each_forward_only(model, strategy: StrategyRun) -> bool:
-    """Whether decoding may start from a cached primer: the strategy attaches nothing that reads
-    the whole prompt (degraded streams and an amateur keep caches of their own; activation
-    decoding's entropy reads every prompt position)."""
-    contrast = strategy.scoring
-    if contrast is None:
-        return True
-    readout = LayerReadout.from_model(model)
-    return (
-        not contrast.degraded_streams(readout)
-        and contrast.amateur_stream() is None
-        and contrast.entropy_source(readout) is None
-    )
-
-
 def _has_sliding_window(config) -> bool:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layer_types = getattr(config, "layer_types", None) or ()
@@ -184,16 +170,17 @@ def _primed_batch(model, tokenizer, prompts: list[str], prompt_cache: PromptCach
     """``(inputs, cache)``: each row = the primer's cached tokens, left padding, the row's own
     tokens; the cache holds the primer once per row. ``None`` when a prompt cannot use the cache."""
     ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if len({len(row) for row in ids}) > 1 and _has_sliding_window(model.config):
+        # Rows share the primer, so rows of different lengths need padding between the primer and
+        # their own tokens; it would count against the window and hide primer tokens the row sees
+        # when it runs alone (left padding, before everything, does not).
+        return None
     start = prompt_cache.start_batch(model, tokenizer, prompts, ids)
     if start is None:
         return None
     n, cache = start
     rest = [row[n:] for row in ids]
     width = max(len(r) for r in rest)
-    if width != min(len(r) for r in rest) and _has_sliding_window(model.config):
-        # Padding between the primer and a row's tokens would count against the window and hide
-        # primer tokens the row sees when it runs alone (left padding, before everything, does not).
-        return None
     pad = tokenizer.pad_token_id
     input_ids = [row[:n] + [pad] * (width - len(r)) + r for row, r in zip(ids, rest, strict=True)]
     mask = [[1] * n + [0] * (width - len(r)) + [1] * len(r) for r in rest]

@@ -105,8 +105,9 @@ def test_sliding_window_model_with_padding_runs_in_full():
     alone = [_generate(model, [p], run)[0][0].text for p in PROMPTS]
     cached, lengths = _generate(model, PROMPTS, run, PromptCache(PRIMER))
     assert [g.text for g in cached] == alone
+    # Refused before the primer runs: the batch's first forward is the whole prompts.
+    assert lengths[0] == max(len(TOKENIZER(p)["input_ids"]) for p in PROMPTS)
     primer_len = len(TOKENIZER(PRIMER)["input_ids"])
-    assert lengths[:2] == [primer_len, max(len(TOKENIZER(p)["input_ids"]) for p in PROMPTS)]
     same_length = [PRIMER + "Q: six?\nA:", PRIMER + "Q: ten?\nA:"]
     alone = [_generate(model, [p], run)[0][0].text for p in same_length]
     cached, lengths = _generate(model, same_length, run, PromptCache(PRIMER))
