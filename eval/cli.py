@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tb = sub.add_parser("table", help="Markdown table of finished runs")
     tb.add_argument("runs", nargs="+", help="run folders (unfinished runs are left out, with a note)")
+    tb.add_argument("--metrics", default=None, help="metric columns, comma-separated, e.g. mc1,mc2,mc3")
+    tb.add_argument("--no-model", action="store_true", help="leave out the model column")
 
     sub.add_parser("list", help="benchmarks, strategies and presets")
     return parser
@@ -190,7 +192,8 @@ def _cmd_table(args) -> int:
             print(f"{run}: unfinished, left out (rerun its eval command to finish it)", file=sys.stderr)
             continue
         summaries.append(load_summary(run))
-    print(markdown_table(summaries), end="")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
+    print(markdown_table(summaries, metrics=metrics, model_column=not args.no_model), end="")
     return 0
 
 

@@ -127,17 +127,39 @@ def _cell(m: Mapping[str, Any]) -> str:
     return f"{m['mean']:.{digits}f} [{m['ci_low']:.{digits}f}, {m['ci_high']:.{digits}f}]"
 
 
-def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table, one row per summary (columns: the union of their metrics)."""
-    names: list[str] = []
+def markdown_table(
+    summaries: Sequence[Mapping[str, Any]],
+    metrics: Sequence[str] | None = None,
+    model_column: bool = True,
+) -> str:
+    """A Markdown table, one row per summary, in the order given.
+
+    Args:
+        summaries: loaded ``summary.json`` contents.
+        metrics: the metric columns, in this order (default: the union of the summaries' metrics).
+            A run without one of them shows ``-`` there.
+        model_column: include the model's name (leave it out for a table of one model's runs).
+
+    Raises:
+        EvalError: a name in ``metrics`` that none of the summaries has.
+    """
+    available: list[str] = []
     for s in summaries:
-        names += [n for n in s["metrics"] if n not in names]
-    head = ["benchmark", "model", "strategy", "protocol", "n", *names, "s/item"]
+        available += [n for n in s["metrics"] if n not in available]
+    names = list(metrics) if metrics is not None else available
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        from .errors import EvalError
+
+        raise EvalError(
+            f"--metrics: no run here has {', '.join(unknown)}; choose from {', '.join(available)}."
+        )
+    head = ["benchmark", *(["model"] if model_column else []), "strategy", "protocol", "n", *names, "s/item"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for s in summaries:
         cells = [
             s["benchmark"],
-            Path(str(s["model"])).name or str(s["model"]),
+            *([Path(str(s["model"])).name or str(s["model"])] if model_column else []),
             s["strategy_label"],
             str(s.get("scoring_protocol") or "-"),
             str(s["n_items"]),

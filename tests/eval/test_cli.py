@@ -92,6 +92,22 @@ def test_plot_and_table(runs, tmp_path, capsys):
     assert "no summary.json" in capsys.readouterr().err
 
 
+def test_table_columns_are_chosen_and_checked(runs, capsys):
+    assert main(["table", "--no-model", "--metrics", "mc3,mc1", str(runs["dola"]), str(runs["base"])]) == 0
+    head, rule, *rows = capsys.readouterr().out.splitlines()
+    assert head == "| benchmark | strategy | protocol | n | mc3 | mc1 | s/item |"
+    assert len(rows) == 2 and all(r.count("|") == head.count("|") for r in rows)
+    # Rows in the order given, each cell the summary's own interval.
+    for row, run in zip(rows, (runs["dola"], runs["base"]), strict=True):
+        summary = json.loads((run / "summary.json").read_text())
+        m = summary["metrics"]["mc3"]
+        assert row.split(" | ")[1] == summary["strategy_label"]
+        assert f"{m['mean']:.1f} [{m['ci_low']:.1f}, {m['ci_high']:.1f}]" == row.split(" | ")[4]
+    assert main(["table", "--metrics", "mc1,bleu_acc", str(runs["base"])]) == 2
+    err = capsys.readouterr().err
+    assert "--metrics" in err and "bleu_acc" in err and "mc2" in err
+
+
 def test_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
