@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchmarks import Benchmark
+from .errors import EvalError
 from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
 
 __all__ = ["build_summary", "library_versions", "markdown_table", "write_json_atomic"]
@@ -149,8 +150,6 @@ def markdown_table(
     names = list(metrics) if metrics is not None else available
     unknown = [n for n in names if n not in available]
     if unknown:
-        from .errors import EvalError
-
         raise EvalError(
             f"--metrics: no run here has {', '.join(unknown)}; choose from {', '.join(available)}."
         )
@@ -182,8 +181,6 @@ def load_summary(folder: Path) -> dict[str, Any]:
     Raises:
         EvalError: no summary there (the run is unfinished or the path is wrong).
     """
-    from .errors import EvalError
-
     path = folder / SUMMARY_JSON if folder.is_dir() else folder
     if not path.is_file():
         raise EvalError(f"{folder}: no {SUMMARY_JSON}; the run is unfinished or this is not a run folder.")
