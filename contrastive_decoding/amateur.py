@@ -8,6 +8,7 @@ an amateur model (by default the main model itself) in lock-step with the main m
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 
@@ -147,6 +148,7 @@ class AmateurRunner:
         self.capture = LayerCapture(self.readout, self.layers, positions=positions) if self.layers else None
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self._cache_argument = cache_argument(self.model)
+        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.running = False  # True during the amateur's own forward (the main model's hooks see it)
         self._reset()
 
@@ -155,6 +157,7 @@ class AmateurRunner:
         self._seen: torch.Tensor | None = None  # main-model tokens fed so far, (B, T)
         self._mask: torch.Tensor | None = None  # the amateur's attention mask so far
         self._next_pos: torch.Tensor | None = None
+        self._start: tuple | None = None  # score_rows' last row start: (tokens, logits, states, cache)
 
     @property
     def attached(self) -> bool:
@@ -227,13 +230,42 @@ class AmateurRunner:
         self, prefix: list[int], conts: list[list[int]]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced amateur logits for ``prefix + cont`` rows: ``(B, W, V)`` where position
-        ``k`` predicts continuation token ``k`` (and states ``(J, B, W, H)``)."""
+        ``k`` predicts continuation token ``k`` (and states ``(J, B, W, H)``).
+
+        The amateur's row start (its instruction, then ``prefix``) runs once and is kept for later
+        calls with the same ``prefix``; the continuations run on copies of its KV cache, so an
+        answer list costs one long pass and one short one, not one long pass per answer.
+        """
         start_row = self._with_prefix(list(prefix))
-        rows = [start_row + c for c in conts]
         device = next(self.model.parameters()).device
-        ids, mask = pad_rows(rows, 0, device)
-        # Right padding: the model's default positions 0..W-1 are the rows' own.
-        logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        start = len(start_row) - 1
-        states = self.capture.stacked()[:, :, start:] if self.capture is not None else None
-        return logits[:, start:].float(), states
+        self.running = True
+        try:
+            last_logits, last_states, cache = self._score_start(start_row, device)
+            cache = copy.deepcopy(cache)  # the cache grows in place; later calls need the start's
+            cache.batch_repeat_interleave(len(conts))
+            ids, mask = pad_rows(conts, 0, device)
+            # Right padding after a full start: the model's default positions are the rows' own.
+            full_mask = torch.cat(
+                [torch.ones(len(conts), len(start_row), dtype=mask.dtype, device=device), mask], 1
+            )
+            out = self.model(
+                input_ids=ids, attention_mask=full_mask, use_cache=True, **{self._cache_argument: cache}
+            )
+        finally:
+            self.running = False
+        logits = torch.cat([last_logits.expand(len(conts), -1, -1), out.logits], 1).float()
+        if self.capture is None:
+            return logits, None
+        states = torch.cat([last_states.expand(-1, len(conts), -1, -1), self.capture.stacked()], 2)
+        return logits, states
+
+    def _score_start(self, start_row: list[int], device: torch.device) -> tuple:
+        """The row start's last-position logits ``(1, 1, V)``, states ``(J, 1, 1, H)`` and KV cache."""
+        key = tuple(start_row)
+        if self._start is None or self._start[0] != key:
+            ids = torch.tensor([start_row], dtype=torch.long, device=device)
+            keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_argument: None}, **keep)
+            states = self.capture.stacked()[:, :, -1:] if self.capture is not None else None
+            self._start = (key, out.logits[:, -1:], states, cache_of_output(out))
+        return self._start[1:]

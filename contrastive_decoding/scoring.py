@@ -22,7 +22,7 @@ from .cache_names import cache_argument, cache_of_output
 from .context_entropy import ContextEntropy
 from .padding import pad_rows
 from .prompt_cache import PromptCache
-from .sources import ContrastSources, reads_whole_prompt
+from .sources import ContrastSources
 from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
 
 __all__ = ["ContinuationScore", "score_continuations"]
@@ -126,8 +126,8 @@ def score_continuations(
         prompt_cache: a :class:`~contrastive_decoding.PromptCache` of a primer that ``prompt``
             starts with (a few-shot primer shared by many calls): only the tokens after it run, on
             a copy of its KV cache. Used with ``share_prefix`` and strategies that read only
-            the positions of each forward (none with degraded streams, an amateur or a context
-            entropy, which read the whole prompt); otherwise ignored.
+            the positions of each forward (none with degraded streams or a context entropy, which
+            read the whole prompt; an amateur reads its own rows in full); otherwise ignored.
 
     Returns:
         One :class:`ContinuationScore` per continuation, in order.
@@ -167,7 +167,7 @@ def score_continuations(
             else:
                 if prefix_pass is None:
                     primer = None
-                    if prompt_cache is not None and not _reads_whole_prompt(strategy, sources):
+                    if prompt_cache is not None and not _reads_whole_prompt(sources):
                         primer = prompt_cache.start(model, tokenizer, prompt, prefix)
                     prefix_pass = _forward_prefix(model, sources, prefix, device, primer)
                 reuse = lo + step < len(conts)
@@ -255,8 +255,10 @@ def _row_entropy(entropy: ContextEntropy, prefix_len: int, mask: torch.Tensor) -
     return entropy.absorb_each(states[:, start:], mask[:, start:])
 
 
-def _reads_whole_prompt(strategy: ContrastStrategy | None, sources: ContrastSources | None) -> bool:
-    return sources is not None and reads_whole_prompt(strategy, sources.readout)
+def _reads_whole_prompt(sources: ContrastSources | None) -> bool:
+    # An amateur reads its own rows here (`score_rows`), so only what hooks the main model's
+    # forward (degraded streams, a context entropy) needs the prompt to run in full.
+    return sources is not None and (sources.streams is not None or sources.entropy is not None)
 
 
 def _forward_prefix(model, sources, prefix, device, primer=None):

@@ -56,7 +56,9 @@ def _assert_same_scores(cached, plain, exact=False):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt", "gpt_neox", "qwen2"])
 @pytest.mark.parametrize(
-    "strategy", [None, DoLa([0, 2, 4]), VistaLogits(late_layers=[3, 4])], ids=["plain", "dola", "vista"]
+    "strategy",
+    [None, DoLa([0, 2, 4]), VistaLogits(late_layers=[3, 4]), InducedContrast(instruction="Lie. ")],
+    ids=["plain", "dola", "vista", "amateur"],
 )
 @pytest.mark.parametrize("protocol", ["paper", "normalized"])
 def test_cached_primer_scores_like_the_full_prompt(tokenizer, family, strategy, protocol):
@@ -84,6 +86,34 @@ def test_the_primer_runs_once_and_each_prompt_runs_only_its_own_tokens(tokenizer
     longest_tail = max(len(a) for a in ANSWERS) - 1
     # One primer pass, then per question: its own tokens, then the continuations' tails.
     assert lengths == [primer_len] + [n for q in QUESTIONS for n in (len(q), longest_tail)]
+
+
+def test_with_an_amateur_each_stream_runs_its_row_start_once_per_prompt(tokenizer):
+    # The amateur reads its own rows (instruction + prompt + answer), so the main stream may start
+    # from the primer; the amateur runs its row start once and every answer on a copy of its cache.
+    model = build_model("llama")
+    cache = PromptCache(PRIMER)
+    instruction = "Lie. "
+    primer_len = len(tokenizer(PRIMER)["input_ids"])
+    lengths, handle = _lengths_of_forwards(model)
+    try:
+        for question in QUESTIONS:
+            score_continuations(
+                model,
+                tokenizer,
+                PRIMER + question,
+                ANSWERS,
+                strategy=InducedContrast(instruction=instruction),
+                prompt_cache=cache,
+            )
+    finally:
+        handle.remove()
+    amateur_start = [1 + len(instruction) + len(PRIMER) + len(q) for q in QUESTIONS]  # BOS first
+    main_tail, amateur_tail = max(len(a) for a in ANSWERS) - 1, max(len(a) for a in ANSWERS)
+    expected = [primer_len]
+    for question, start in zip(QUESTIONS, amateur_start, strict=True):
+        expected += [len(question), main_tail, start, amateur_tail]
+    assert lengths == expected
 
 
 def test_prompts_without_the_primer_run_in_full(tokenizer):
@@ -131,10 +161,9 @@ def test_the_cached_part_stops_where_the_primer_merges_with_what_follows(tokeniz
     "strategy",
     [
         LayerCake(),
-        InducedContrast(instruction="Lie. "),
         ActivationDecoding(info_layer=3, context="all", relative_top=None),
     ],
-    ids=["streams", "amateur", "entropy"],
+    ids=["streams", "entropy"],
 )
 def test_strategies_that_read_the_whole_prompt_ignore_the_cache(tokenizer, strategy):
     model = build_model("llama")
