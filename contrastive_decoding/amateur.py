@@ -18,6 +18,7 @@ from torch import nn
 from .cache_names import cache_argument, cache_of_output
 from .capture import LayerCapture
 from .padding import pad_rows
+from .prompt_cache import PromptCache
 from .readout import LayerReadout
 
 __all__ = ["Amateur", "AmateurRunner"]
@@ -227,20 +228,24 @@ class AmateurRunner:
 
     @torch.no_grad()
     def score_rows(
-        self, prefix: list[int], conts: list[list[int]]
+        self, prefix: list[int], conts: list[list[int]], primer: tuple[int, PromptCache] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher-forced amateur logits for ``prefix + cont`` rows: ``(B, W, V)`` where position
         ``k`` predicts continuation token ``k`` (and states ``(J, B, W, H)``).
 
         The amateur's row start (its instruction, then ``prefix``) runs once and is kept for later
         calls with the same ``prefix``; the continuations run on copies of its KV cache, so an
-        answer list costs one long pass and one short one, not one long pass per answer.
+        answer list costs one long pass and one short one, not one long pass per answer. With
+        ``primer`` = ``(n, prompt_cache)`` (the first ``n`` tokens of ``prefix`` are a few-shot
+        primer that ``prompt_cache`` holds), the amateur's own view of the primer (its instruction,
+        then those tokens) is computed once per cache and only the rest of the start runs.
         """
         start_row = self._with_prefix(list(prefix))
         device = next(self.model.parameters()).device
         self.running = True
         try:
-            last_logits, last_states, cache = self._score_start(start_row, device)
+            shared = self._shared_start(list(prefix), start_row, primer)
+            last_logits, last_states, cache = self._score_start(start_row, device, shared)
             cache = copy.deepcopy(cache)  # the cache grows in place; later calls need the start's
             cache.batch_repeat_interleave(len(conts))
             ids, mask = pad_rows(conts, 0, device)
@@ -259,13 +264,35 @@ class AmateurRunner:
         states = torch.cat([last_states.expand(-1, len(conts), -1, -1), self.capture.stacked()], 2)
         return logits, states
 
-    def _score_start(self, start_row: list[int], device: torch.device) -> tuple:
-        """The row start's last-position logits ``(1, 1, V)``, states ``(J, 1, 1, H)`` and KV cache."""
+    def _shared_start(
+        self, prefix: list[int], start_row: list[int], primer: tuple[int, PromptCache] | None
+    ) -> tuple[list[int], object] | None:
+        """``(tokens, a copy of their KV cache)`` of the amateur's view of the primer, or ``None``."""
+        if primer is None:
+            return None
+        n, prompt_cache = primer
+        try:
+            tokens = self._with_prefix(prefix[:n])
+        except ValueError:  # the primer ends inside the instruction the amateur replaces
+            return None
+        if not 0 < len(tokens) < len(start_row) or start_row[: len(tokens)] != tokens:
+            return None
+
+        def run() -> object:
+            ids = torch.tensor([tokens], dtype=torch.long, device=next(self.model.parameters()).device)
+            return cache_of_output(self.model(input_ids=ids, use_cache=True, **{self._cache_argument: None}))
+
+        return tokens, prompt_cache.side_cache((id(self.model), tuple(tokens)), run)
+
+    def _score_start(self, start_row: list[int], device: torch.device, shared=None) -> tuple:
+        """The row start's last-position logits ``(1, 1, V)``, states ``(J, 1, 1, H)`` and KV cache;
+        with ``shared`` (see :meth:`_shared_start`), only the tokens after the shared ones run."""
         key = tuple(start_row)
         if self._start is None or self._start[0] != key:
-            ids = torch.tensor([start_row], dtype=torch.long, device=device)
+            skip, cache = (0, None) if shared is None else (len(shared[0]), shared[1])
+            ids = torch.tensor([start_row[skip:]], dtype=torch.long, device=device)
             keep = {"logits_to_keep": 1} if self._keeps_logits else {}
-            out = self.model(input_ids=ids, use_cache=True, **{self._cache_argument: None}, **keep)
+            out = self.model(input_ids=ids, use_cache=True, **{self._cache_argument: cache}, **keep)
             states = self.capture.stacked()[:, :, -1:] if self.capture is not None else None
             self._start = (key, out.logits[:, -1:], states, cache_of_output(out))
         return self._start[1:]

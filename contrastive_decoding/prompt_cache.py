@@ -8,6 +8,7 @@ the primer is most of each prompt. :func:`~contrastive_decoding.score_continuati
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class PromptCache:
         self._owner: tuple[int, int] | None = None
         self._tokens: list[int] | None = None
         self._cache: Any = None
+        self._side: dict[tuple, Any] = {}  # other streams' views of the primer (see side_cache)
 
     def __repr__(self) -> str:
         cached = "cached" if self._cache is not None else "not computed yet"
@@ -110,3 +112,11 @@ class PromptCache:
             with torch.no_grad():  # once per cache: not worth skipping the primer's logits
                 self._cache = cache_of_output(model(input_ids=ids, use_cache=True))
         return n
+
+    def side_cache(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """A copy of another stream's KV cache of the primer (an amateur reads it after its own
+        instruction), computed by ``compute`` on first use of ``key``."""
+        if key not in self._side:
+            with torch.no_grad():
+                self._side[key] = compute()
+        return copy.deepcopy(self._side[key])

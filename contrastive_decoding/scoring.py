@@ -159,21 +159,21 @@ def score_continuations(
         sources.streams.suppression.suppress_from = len(prefix) - 1
     results: list[ContinuationScore] = []
     with sources if sources is not None else nullcontext():
-        prefix_pass = None
+        prefix_pass, primer = None, None
         for lo in range(0, len(conts), step):
             chunk = conts[lo : lo + step]
             if not share_prefix:
                 logits, probe = _forward_full(model, sources, prefix, chunk, pad_id, device)
             else:
                 if prefix_pass is None:
-                    primer = None
                     if prompt_cache is not None and not _reads_whole_prompt(sources):
                         primer = prompt_cache.start(model, tokenizer, prompt, prefix)
                     prefix_pass = _forward_prefix(model, sources, prefix, device, primer)
                 reuse = lo + step < len(conts)
                 logits, probe = _forward_on_prefix(model, sources, prefix_pass, chunk, pad_id, device, reuse)
             if sources is not None and sources.amateur is not None:
-                probe["amateur"] = sources.amateur.score_rows(prefix, chunk)
+                amateur_primer = None if primer is None else (primer[0], prompt_cache)
+                probe["amateur"] = sources.amateur.score_rows(prefix, chunk, amateur_primer)
             # Flatten the (row, position) pairs that score a real continuation token.
             row_idx, pos_idx, targets = [], [], []
             for i, cont in enumerate(chunk):

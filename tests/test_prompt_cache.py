@@ -14,6 +14,7 @@ from conftest import assert_same_state, build_model, char_tokenizer, model_state
 
 from contrastive_decoding import (
     ActivationDecoding,
+    ContrastiveDecoding,
     DoLa,
     InducedContrast,
     LayerCake,
@@ -88,13 +89,13 @@ def test_the_primer_runs_once_and_each_prompt_runs_only_its_own_tokens(tokenizer
     assert lengths == [primer_len] + [n for q in QUESTIONS for n in (len(q), longest_tail)]
 
 
-def test_with_an_amateur_each_stream_runs_its_row_start_once_per_prompt(tokenizer):
-    # The amateur reads its own rows (instruction + prompt + answer), so the main stream may start
-    # from the primer; the amateur runs its row start once and every answer on a copy of its cache.
+def test_with_an_amateur_each_stream_runs_its_primer_once_and_each_prompt_its_own_tokens(tokenizer):
+    # The amateur reads its own rows (instruction + prompt + answer): its view of the primer (the
+    # instruction, then the primer) runs once too, then per prompt its own tokens and the answers.
     model = build_model("llama")
     cache = PromptCache(PRIMER)
     instruction = "Lie. "
-    primer_len = len(tokenizer(PRIMER)["input_ids"])
+    primer_len = len(tokenizer(PRIMER)["input_ids"])  # BOS + one token per character
     lengths, handle = _lengths_of_forwards(model)
     try:
         for question in QUESTIONS:
@@ -108,12 +109,28 @@ def test_with_an_amateur_each_stream_runs_its_row_start_once_per_prompt(tokenize
             )
     finally:
         handle.remove()
-    amateur_start = [1 + len(instruction) + len(PRIMER) + len(q) for q in QUESTIONS]  # BOS first
     main_tail, amateur_tail = max(len(a) for a in ANSWERS) - 1, max(len(a) for a in ANSWERS)
     expected = [primer_len]
-    for question, start in zip(QUESTIONS, amateur_start, strict=True):
-        expected += [len(question), main_tail, start, amateur_tail]
+    for i, question in enumerate(QUESTIONS):
+        expected += [len(question), main_tail]
+        expected += [len(instruction) + primer_len] if i == 0 else []  # BOS, instruction, primer
+        expected += [len(question), amateur_tail]
     assert lengths == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_an_amateur_model_keeps_its_own_primer_cache(tokenizer, family):
+    # Classic CD: the amateur is another model, so its cache of the primer is its own, not the
+    # main model's; scores still equal the uncached ones.
+    model, amateur = build_model(family), build_model(family, seed=1, num_hidden_layers=2)
+    cache = PromptCache(PRIMER)
+    strategy = ContrastiveDecoding(amateur, relative_top=None)
+    for question in QUESTIONS:
+        prompt = PRIMER + question
+        plain = score_continuations(model, tokenizer, prompt, ANSWERS, strategy=strategy)
+        cached = score_continuations(model, tokenizer, prompt, ANSWERS, strategy=strategy, prompt_cache=cache)
+        _assert_same_scores(cached, plain)
+    assert len(cache._side) == 1
 
 
 def test_prompts_without_the_primer_run_in_full(tokenizer):
