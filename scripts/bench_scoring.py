@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     from contrastive_decoding.eval.benchmarks.truthfulqa_mc import hf_prompt
     from contrastive_decoding.eval.prompts import TRUTHFULQA_QA_PAIRS
 
-    from contrastive_decoding import DoLa, PromptCache, load_model, score_continuations
+    from contrastive_decoding import DoLa, InducedContrast, PromptCache, load_model, score_continuations
 
     path = Path(args.data)
     if not path.exists():
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model}: {len(records)} TruthfulQA-MC questions, lm-eval primer")
     print("| strategy | full passes s | cached primer s | ratio | max abs score diff |")
     print("|---|---:|---:|---:|---:|")
-    for name, strategy in (("plain", None), ("dola-high", DoLa("high"))):
+    for name, strategy in (("plain", None), ("dola-high", DoLa("high")), ("icd", InducedContrast())):
         cache = PromptCache(TRUTHFULQA_QA_PAIRS)
         warm = hf_prompt(records[0]["question"])
         score_continuations(model, tokenizer, warm, [" a"], strategy=strategy, prompt_cache=cache)
