@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .cache_names import cache_argument, cache_of_output
+from .cache_names import cache_argument, cache_of_output, logits_to_keep
 from .capture import LayerCapture
 from .padding import pad_rows
 from .prompt_cache import PromptCache
@@ -149,7 +149,6 @@ class AmateurRunner:
         self.capture = LayerCapture(self.readout, self.layers, positions=positions) if self.layers else None
         self._takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
         self._cache_argument = cache_argument(self.model)
-        self._keeps_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self.running = False  # True during the amateur's own forward (the main model's hooks see it)
         self._reset()
 
@@ -291,7 +290,7 @@ class AmateurRunner:
         if self._start is None or self._start[0] != key:
             skip, cache = (0, None) if shared is None else (len(shared[0]), shared[1])
             ids = torch.tensor([start_row[skip:]], dtype=torch.long, device=device)
-            keep = {"logits_to_keep": 1} if self._keeps_logits else {}
+            keep = logits_to_keep(self.model, 1)
             out = self.model(input_ids=ids, use_cache=True, **{self._cache_argument: cache}, **keep)
             states = self.capture.stacked()[:, :, -1:] if self.capture is not None else None
             self._start = (key, out.logits[:, -1:], states, cache_of_output(out))

@@ -9,7 +9,6 @@ captured by hooks in the same passes.
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache_names import cache_argument, cache_of_output
+from .cache_names import cache_argument, cache_of_output, logits_to_keep
 from .context_entropy import ContextEntropy
 from .padding import pad_rows
 from .prompt_cache import PromptCache
@@ -234,7 +233,7 @@ def _forward_full(model, sources, prefix, conts, pad_id, device):
     ids, mask = pad_rows([prefix + c for c in conts], pad_id, device)
     start = len(prefix) - 1  # the position predicting the first continuation token
     keep = ids.shape[1] - start
-    logits = model(input_ids=ids, attention_mask=mask, **_logits_to_keep(model, keep)).logits[:, -keep:]
+    logits = model(input_ids=ids, attention_mask=mask, **logits_to_keep(model, keep)).logits[:, -keep:]
     probe = _probe(sources, slice(-keep, None))
     if sources is not None and sources.entropy is not None:
         probe["entropy"] = _row_entropy(sources.entropy, len(prefix), mask)
@@ -266,7 +265,7 @@ def _forward_prefix(model, sources, prefix, device, primer=None):
     ``primer`` = ``(n, cache)``, only the tokens after the first ``n`` run, on ``cache``."""
     start, cache = primer if primer is not None else (0, None)
     ids = torch.tensor([prefix[start:]], dtype=torch.long, device=device)
-    out = model(input_ids=ids, use_cache=True, **{cache_argument(model): cache}, **_logits_to_keep(model, 1))
+    out = model(input_ids=ids, use_cache=True, **{cache_argument(model): cache}, **logits_to_keep(model, 1))
     probe = _probe(sources, slice(-1, None))
     if sources is not None and sources.entropy is not None:
         entropy = sources.entropy
@@ -323,12 +322,6 @@ def _tail_entropy(entropy: ContextEntropy, prefix_probe: dict, tail_mask: torch.
         return prefix_probe["entropy"].expand(rows, length, -1)
     entropy.load(prefix_probe["entropy_accumulators"], rows)
     return entropy.absorb_each(entropy.states(rows), tail_mask)
-
-
-def _logits_to_keep(model: nn.Module, keep: int) -> dict:
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return {"logits_to_keep": keep}
-    return {}
 
 
 def _contrast_scores(

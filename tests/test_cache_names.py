@@ -10,7 +10,13 @@ import torch
 from conftest import cached_model
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from contrastive_decoding.cache_names import cache_argument, cache_field, cache_from, cache_of_output
+from contrastive_decoding.cache_names import (
+    cache_argument,
+    cache_field,
+    cache_from,
+    cache_of_output,
+    logits_to_keep,
+)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -44,3 +50,20 @@ def test_generate_output_field():
     marker = object()
     out = GenerateDecoderOnlyOutput(sequences=torch.zeros(1, 1), **{field: marker})
     assert cache_of_output(out) is marker
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_logits_to_keep_is_passed_where_forward_declares_it(family):
+    model = cached_model(family)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        last = model(input_ids=ids, **logits_to_keep(model, 1)).logits
+    declared = "logits_to_keep" in inspect.signature(model.forward).parameters
+    assert last.shape[1] == (1 if declared else ids.shape[1])
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=1e-5, atol=1e-6)
+
+    def forward(input_ids, attention_mask=None):  # a forward that does not take it
+        return None
+
+    assert logits_to_keep(type("NoKeep", (), {"forward": staticmethod(forward)})(), 1) == {}
