@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--metrics", default=None, help="metric columns, comma-separated, e.g. mc1,mc2,mc3")
     tb.add_argument("--no-model", action="store_true", help="leave out the model column")
 
+    an = sub.add_parser(
+        "answers", help="generation runs: mean answer length, answers at the token limit, answers not read"
+    )
+    an.add_argument("runs", nargs="+", help="finished generation run folders (tfqa-gen, strategyqa, gsm8k)")
     sub.add_parser("list", help="benchmarks, strategies and presets")
     return parser
 
@@ -197,6 +201,13 @@ def _cmd_table(args) -> int:
     return 0
 
 
+def _cmd_answers(args) -> int:
+    from .answer_stats import answer_stats_table
+
+    print(answer_stats_table(args.runs), end="")
+    return 0
+
+
 def _cmd_list(args) -> int:
     from .benchmarks import BENCHMARKS
     from .strategies import PRESETS, STRATEGIES
@@ -222,6 +233,7 @@ _COMMANDS = {
     "compare": _cmd_compare,
     "plot": _cmd_plot,
     "table": _cmd_table,
+    "answers": _cmd_answers,
     "list": _cmd_list,
 }
 

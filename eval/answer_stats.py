@@ -1,0 +1,96 @@
+"""How a generation run's answers ended: their mean length, how many ran to the token limit and
+how many held nothing the benchmark's answer rule could read.
+
+Accuracy alone cannot tell a strategy that answers wrongly from one that stops answering (text
+that rambles to the limit, or that never states "the answer is ..."); these counts can, and they
+come from the run's own records, so they need no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import EvalError
+from .records import read_records
+from .summary import load_summary
+
+__all__ = ["answer_stats", "answer_stats_table"]
+
+
+def answer_stats(folder: str | Path) -> dict[str, Any]:
+    """Answer counts of one finished generation run.
+
+    Args:
+        folder: the run's output folder (its ``summary.json`` and ``items*.jsonl``).
+
+    Returns:
+        ``benchmark``, ``strategy_label``, ``repetition_penalty``, ``n``, ``max_new_tokens``,
+        ``mean_tokens``,
+        ``at_limit`` (answers whose generated tokens reached ``max_new_tokens``) and ``no_answer``
+        (answers from which the benchmark extracted nothing; ``None`` for a benchmark without
+        answer extraction, such as TruthfulQA generation).
+
+    Raises:
+        EvalError: the folder holds no finished run, a scoring run, or records without token counts.
+
+    Example:
+        >>> from contrastive_decoding.eval.answer_stats import answer_stats
+        >>> answer_stats("results/strategyqa/smollm2/dola-low")["at_limit"]
+        155
+    """
+    folder = Path(folder)
+    summary = load_summary(folder)
+    generation = summary.get("generation")
+    if summary.get("task") != "generate" or not generation:
+        raise EvalError(
+            f"{folder}: {summary['benchmark']} is scored, not generated, so its runs hold no answers; "
+            "give generation runs (tfqa-gen, strategyqa, gsm8k)."
+        )
+    records = list(read_records(sorted(folder.glob("items*.jsonl"))).values())
+    if len(records) != summary["n_items"] or any("n_tokens" not in r for r in records):
+        raise EvalError(
+            f"{folder}: its items files do not hold the {summary['n_items']} records with token counts "
+            "that its summary counts; rerun its eval command into a fresh folder."
+        )
+    limit = int(generation["max_new_tokens"])
+    extracts = all("pred" in r for r in records)
+    return {
+        "benchmark": summary["benchmark"],
+        "strategy_label": summary["strategy_label"],
+        "repetition_penalty": generation.get("repetition_penalty"),
+        "n": len(records),
+        "max_new_tokens": limit,
+        "mean_tokens": sum(r["n_tokens"] for r in records) / len(records),
+        "at_limit": sum(r["n_tokens"] >= limit for r in records),
+        "no_answer": sum(r["pred"] is None for r in records) if extracts else None,
+    }
+
+
+def answer_stats_table(folders: Sequence[str | Path]) -> str:
+    """A Markdown table of :func:`answer_stats`, one row per run, in the order given."""
+    head = [
+        "benchmark",
+        "strategy",
+        "repetition penalty",
+        "n",
+        "mean tokens",
+        "at the token limit",
+        "no answer read",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for folder in folders:
+        s = answer_stats(folder)
+        no_answer = "-" if s["no_answer"] is None else str(s["no_answer"])
+        cells = [
+            s["benchmark"],
+            s["strategy_label"],
+            "-" if s["repetition_penalty"] is None else f"{s['repetition_penalty']:g}",
+            str(s["n"]),
+            f"{s['mean_tokens']:.1f}",
+            f"{s['at_limit']} (limit {s['max_new_tokens']})",
+            no_answer,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
