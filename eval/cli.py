@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     an = sub.add_parser(
         "answers", help="generation runs: mean answer length, answers at the token limit, answers not read"
     )
-    an.add_argument("runs", nargs="+", help="finished generation run folders (tfqa-gen, strategyqa, gsm8k)")
+    an.add_argument(
+        "runs", nargs="+", help="generation run folders (unfinished runs are left out, with a note)"
+    )
     sub.add_parser("list", help="benchmarks, strategies and presets")
     return parser
 
@@ -185,17 +187,26 @@ def _cmd_plot(args) -> int:
     return 0
 
 
-def _cmd_table(args) -> int:
+def _finished_runs(runs: list[str]) -> list[Path]:
+    """The run folders given, less those still in progress (or interrupted), each named on stderr:
+    a table of a whole results tree leaves them out. A folder that is no run at all stays in, so
+    that loading it reports the error."""
     from .runner import RUN_FILE
-    from .summary import SUMMARY_JSON, load_summary, markdown_table
+    from .summary import SUMMARY_JSON
 
-    summaries = []
-    for run in map(Path, args.runs):
+    finished = []
+    for run in map(Path, runs):
         if run.is_dir() and (run / RUN_FILE).is_file() and not (run / SUMMARY_JSON).is_file():
-            # A run still in progress (or interrupted): a table of a results tree leaves it out.
             print(f"{run}: unfinished, left out (rerun its eval command to finish it)", file=sys.stderr)
             continue
-        summaries.append(load_summary(run))
+        finished.append(run)
+    return finished
+
+
+def _cmd_table(args) -> int:
+    from .summary import load_summary, markdown_table
+
+    summaries = [load_summary(run) for run in _finished_runs(args.runs)]
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     print(markdown_table(summaries, metrics=metrics, model_column=not args.no_model), end="")
     return 0
@@ -204,7 +215,7 @@ def _cmd_table(args) -> int:
 def _cmd_answers(args) -> int:
     from .answer_stats import answer_stats_table
 
-    print(answer_stats_table(args.runs), end="")
+    print(answer_stats_table(_finished_runs(args.runs)), end="")
     return 0
 
 

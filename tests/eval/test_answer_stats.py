@@ -61,11 +61,17 @@ def test_sharded_items_are_merged_and_extraction_free_benchmarks_show_no_count(t
     assert stats["mean_tokens"] == pytest.approx(6.0)
 
 
-def test_cli_table_rows_in_order(tmp_path, capsys):
+def test_cli_table_rows_in_order_unfinished_left_out(tmp_path, capsys):
     a = _run_folder(tmp_path, "a", RECORDS)
     b = _run_folder(tmp_path, "b", RECORDS[:2], strategy_label="baseline")
-    assert main(["answers", str(a), str(b)]) == 0
-    head, _, *rows = capsys.readouterr().out.splitlines()
+    unfinished = tmp_path / "unfinished"  # settings and some items, no summary yet
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text("{}", encoding="utf-8")
+    (unfinished / "items.jsonl").write_text(json.dumps(RECORDS[0]) + "\n", encoding="utf-8")
+    assert main(["answers", str(a), str(unfinished), str(b)]) == 0
+    captured = capsys.readouterr()
+    assert f"{unfinished}: unfinished, left out" in captured.err
+    head, _, *rows = captured.out.splitlines()
     assert head.split(" | ")[-2:] == ["at the token limit", "no answer read |"]
     assert rows == [
         "| strategyqa | dola[dola_layers=low] | 1.2 | 4 | 6.0 | 2 (limit 8) | 2 |",
