@@ -27,10 +27,9 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
 
     Returns:
         ``benchmark``, ``strategy_label``, ``repetition_penalty``, ``n``, ``max_new_tokens``,
-        ``mean_tokens``,
-        ``at_limit`` (answers whose generated tokens reached ``max_new_tokens``) and ``no_answer``
-        (answers from which the benchmark extracted nothing; ``None`` for a benchmark without
-        answer extraction, such as TruthfulQA generation).
+        ``mean_tokens``, ``at_limit`` (answers whose generated tokens reached ``max_new_tokens``)
+        and ``no_answer`` (answers from which the benchmark extracted nothing; ``None`` for a
+        benchmark without answer extraction, such as TruthfulQA generation).
 
     Raises:
         EvalError: the folder holds no finished run, a scoring run, or records without token counts.
