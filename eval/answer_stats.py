@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EvalError
-from .records import read_records
+from .records import item_files, read_records
 from .summary import load_summary
 
 __all__ = ["answer_stats", "answer_stats_table"]
@@ -47,7 +47,7 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
             f"{folder}: {summary['benchmark']} is scored, not generated, so its runs hold no answers; "
             "give generation runs (tfqa-gen, strategyqa, gsm8k)."
         )
-    records = list(read_records(sorted(folder.glob("items*.jsonl"))).values())
+    records = list(read_records(item_files(folder)).values())
     if len(records) != summary["n_items"] or any("n_tokens" not in r for r in records):
         raise EvalError(
             f"{folder}: its items files do not hold the {summary['n_items']} records with token counts "

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EvalError
-from .records import read_records
+from .records import item_files, read_records
 from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap
 from .summary import load_summary
 
@@ -16,7 +16,7 @@ __all__ = ["compare_runs", "comparison_table"]
 
 def _run(folder: Path) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
     summary = load_summary(folder)
-    records = read_records(sorted(folder.glob("items*.jsonl")))
+    records = read_records(item_files(folder))
     return summary, records
 
 

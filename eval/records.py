@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RecordWriter", "read_records", "repair_tail"]
+__all__ = ["RecordWriter", "item_files", "read_records", "repair_tail"]
 
 
 def repair_tail(path: Path) -> int:
@@ -44,6 +44,11 @@ def repair_tail(path: Path) -> int:
         f.flush()
         os.fsync(f.fileno())
     return size - keep
+
+
+def item_files(folder: Path) -> list[Path]:
+    """A run folder's records files: ``items.jsonl``, or one ``items.shard<r>-of-<n>.jsonl`` per shard."""
+    return sorted(folder.glob("items*.jsonl"))
 
 
 def read_records(paths: Iterable[Path]) -> dict[Any, dict[str, Any]]:

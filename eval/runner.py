@@ -25,7 +25,7 @@ from typing import Any
 from .benchmarks import Benchmark, EvalContext, get_benchmark
 from .data import ResolvedData, load_hub_rows, resolve_data
 from .errors import DataError, EvalError
-from .records import RecordWriter, read_records, repair_tail
+from .records import RecordWriter, item_files, read_records, repair_tail
 from .strategies import StrategyRun, build_strategy, check_strategy
 from .summary import SUMMARY_JSON, SUMMARY_MD, build_summary, write_json_atomic, write_summary
 
@@ -171,10 +171,6 @@ def _resolve_device(device: str, local_rank: int | None = None) -> str:
 
 def _items_file(out: Path, rank: int, world: int) -> Path:
     return out / ("items.jsonl" if world == 1 else f"items.shard{rank}-of-{world}.jsonl")
-
-
-def _item_files(out: Path) -> list[Path]:
-    return sorted(out.glob("items*.jsonl"))
 
 
 def _identity(
@@ -350,7 +346,7 @@ def run_eval(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> RunRes
     ids = [it["id"] for it in items]
     own_file = _items_file(out, rank, world)
     repair_tail(own_file)  # a kill mid-write leaves a cut last line in this shard's own file
-    done = read_records(_item_files(out))
+    done = read_records(item_files(out))
     if not all(i in done for i in ids):
         # A summary from an earlier, smaller target must not describe this unfinished one.
         for name in (SUMMARY_JSON, SUMMARY_MD):
@@ -404,7 +400,7 @@ def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank) -> None:
 
 
 def _finish(out: Path, benchmark: Benchmark, ids: list, settings: dict, cfg: RunConfig) -> RunResult:
-    records = read_records(_item_files(out))
+    records = read_records(item_files(out))
     missing = [i for i in ids if i not in records]
     if missing:
         return RunResult(out, len(ids) - len(missing), len(ids), None)
