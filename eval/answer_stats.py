@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EvalError
+from .markdown import markdown_grid
 from .records import item_files, read_records
 from .summary import load_summary
 
@@ -78,7 +79,7 @@ def answer_stats_table(folders: Sequence[str | Path]) -> str:
         "at the token limit",
         "no answer read",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows = []
     for folder in folders:
         s = answer_stats(folder)
         no_answer = "-" if s["no_answer"] is None else str(s["no_answer"])
@@ -91,5 +92,5 @@ def answer_stats_table(folders: Sequence[str | Path]) -> str:
             f"{s['at_limit']} (limit {s['max_new_tokens']})",
             no_answer,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_grid(head, rows)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EvalError
+from .markdown import markdown_grid
 from .records import item_files, read_records
 from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap
 from .summary import load_summary
@@ -90,12 +91,19 @@ def compare_runs(
 def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table."""
     head = ["benchmark", "metric", "reference", "run", "n", "ref", "run", "diff [95% CI]"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    cells = []
     for r in rows:
         mark = " *" if r["significant"] else ""
-        lines.append(
-            f"| {r['benchmark']} | {r['metric']} | {r['reference_label']} | {r['run_label']} | {r['n']} | "
-            f"{r['reference_mean']:.2f} | {r['run_mean']:.2f} | "
-            f"{r['diff']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]{mark} |"
+        cells.append(
+            [
+                r["benchmark"],
+                r["metric"],
+                r["reference_label"],
+                r["run_label"],
+                str(r["n"]),
+                f"{r['reference_mean']:.2f}",
+                f"{r['run_mean']:.2f}",
+                f"{r['diff']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]{mark}",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return markdown_grid(head, cells)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .benchmarks import Benchmark
 from .errors import EvalError
+from .markdown import markdown_grid
 from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
 
 __all__ = ["build_summary", "library_versions", "markdown_table", "write_json_atomic"]
@@ -154,7 +155,7 @@ def markdown_table(
             f"--metrics: no run here has {', '.join(unknown)}; choose from {', '.join(available)}."
         )
     head = ["benchmark", *(["model"] if model_column else []), "strategy", "protocol", "n", *names, "s/item"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    rows = []
     for s in summaries:
         cells = [
             s["benchmark"],
@@ -165,8 +166,8 @@ def markdown_table(
             *[_cell(s["metrics"][n]) if n in s["metrics"] else "-" for n in names],
             f"{s['seconds_per_item']:.2f}" if s.get("seconds_per_item") is not None else "-",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return markdown_grid(head, rows)
 
 
 def write_summary(out: Path, summary: Mapping[str, Any]) -> None:
