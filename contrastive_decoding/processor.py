@@ -10,6 +10,7 @@ own logits and returns the contrasted scores.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -25,8 +26,13 @@ class ContrastLogitsProcessor(LogitsProcessor):
     """Apply any :class:`~contrastive_decoding.ContrastStrategy` inside stock ``model.generate``.
 
     What the strategy declares is attached when the processor is built (after every argument is
-    validated) and removed by :meth:`detach`, or on leaving a ``with`` block, leaving the model
-    exactly as it was. The mature logits are the model's own, recorded by a hook; tokens that
+    validated) and removed by :meth:`detach`, on leaving a ``with`` block, or, for a processor
+    passed inline (``logits_processor=[DoLaLogitsProcessor(model)]``), as soon as nothing references
+    it any more: the model's hooks never hold the processor itself. Each way leaves the model exactly
+    as it was. While a processor with degraded streams or a same-model amateur is attached, no other
+    strategy may attach to that model (a clear ``ValueError`` says which one to detach).
+
+    The mature logits are the model's own, recorded by a hook; tokens that
     earlier processors set to ``-inf`` (``min_new_tokens``, ``bad_words_ids``) stay ``-inf``.
     Processors that should act on the contrasted scores (DoLa's repetition penalty) go after it:
     pass them in ``logits_processor=`` after this one rather than as ``repetition_penalty=``.
@@ -110,7 +116,13 @@ class ContrastLogitsProcessor(LogitsProcessor):
         self.layers = self.sources.layers
         self._layer_ids = torch.tensor(self.layers, dtype=torch.long)
         self._chosen: list[torch.Tensor] = []
+        self._last_call: tuple[int, int] | None = None  # (rows, length) of the previous call
         self.sources.__enter__()
+        # The model's hooks hold the sources, never the processor, so a processor passed inline
+        # (no `with`) is collected once `generate` returns and nothing references it: this then
+        # detaches it. `atexit=False`: at interpreter exit the model goes too.
+        self._detach = weakref.finalize(self, ContrastSources.__exit__, self.sources)
+        self._detach.atexit = False
 
     @property
     def attached(self) -> bool:
@@ -124,14 +136,28 @@ class ContrastLogitsProcessor(LogitsProcessor):
         mature = self._mature_logits(raw, scores)
         inputs = self.sources.step_inputs(mature.float(), input_ids)
         out = self.strategy.step(inputs)
-        if out.chosen is not None:
-            self._chosen.append(self._layer_ids[out.chosen.cpu()])
+        self._record_choice(input_ids, out.chosen)
         return self._finish(scores, mature, out.scores)
+
+    def _record_choice(self, input_ids: torch.Tensor, chosen: torch.Tensor | None) -> None:
+        rows, length = input_ids.shape
+        # Within one `generate` call each step sees the same rows and one more token; any other
+        # call starts a new generation, whose history replaces the previous one.
+        if self._last_call != (rows, length - 1):
+            self._chosen.clear()
+        self._last_call = (rows, length)
+        if chosen is not None:
+            self._chosen.append(self._layer_ids[chosen.cpu()])
 
     @property
     def chosen_layers(self) -> torch.Tensor:
-        """Layer used at each step for each row, ``(steps, rows)``, for strategies that choose one
-        (since the last reset). Under beam search the rows are the beams alive at that step."""
+        """Layer used at each step for each row, ``(steps, rows)``, for strategies that choose one.
+
+        The history covers the latest ``generate`` call (a call whose input is not the previous
+        step's plus one token starts a new one, at any batch size) since the last :meth:`reset`;
+        ``(0, 0)`` when empty. Under beam search the rows are the ``batch * num_beams`` beams alive
+        at each step, not the final sequences.
+        """
         if not self._chosen:
             return torch.empty(0, 0, dtype=torch.long)
         return torch.stack(self._chosen)
@@ -139,11 +165,16 @@ class ContrastLogitsProcessor(LogitsProcessor):
     def reset(self) -> None:
         """Forget the layer history and recorded states, e.g. between two ``generate`` calls."""
         self._chosen.clear()
+        self._last_call = None
         self.sources.clear()
 
     def detach(self) -> None:
-        """Detach everything; the model is left exactly as it was before the processor was built."""
-        self.sources.__exit__()
+        """Detach everything; the model is left exactly as it was before the processor was built.
+
+        Optional for a processor passed inline to ``generate``: it detaches itself once it is no
+        longer referenced. Calling it again does nothing.
+        """
+        self._detach()
 
     def __enter__(self):
         return self

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .validation import check_usable_model
+
 __all__ = ["LayerReadout", "UnsupportedModelError", "TESTED_MODEL_TYPES", "check_layer_indices"]
 
 # Families whose readout is checked against `output_hidden_states` by the test-suite.
@@ -96,6 +98,7 @@ class LayerReadout:
         Raises:
             UnsupportedModelError: encoder-decoder or recurrent models, models without an output
                 head, or models whose decoder blocks cannot be found; the message names the class.
+            ValueError: ``model`` is not an ``nn.Module``, or has weights on the ``meta`` device.
         """
         name = type(model).__name__
         config = getattr(model, "config", None)
@@ -141,6 +144,9 @@ class LayerReadout:
             getattr(text_config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))
         )
         softcap = getattr(text_config, "final_logit_softcapping", None)
+        # Every strategy, processor, generate loop and scoring call passes here before attaching
+        # anything: a model without real weights is refused now rather than inside a forward.
+        check_usable_model(model)
         return cls(
             model=model,
             layers=layers,
@@ -151,6 +157,11 @@ class LayerReadout:
             tied_embeddings=tied,
             decoder=decoder,
         )
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of tokens the output head scores."""
+        return self.head.weight.shape[0]
 
     @property
     def num_layers(self) -> int:
@@ -219,11 +230,14 @@ def _head_product(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
     On CPU in float32 with few rows (a decoding step's stacked layers), MKL repacks the whole
     (vocab, hidden) weight for every small product; slices of ``_HEAD_SLICE`` vocabulary rows keep
-    each packed slice in cache. Every logit gets the same kernel and summation order, so the result
-    equals ``head(hidden)`` exactly (checked with torch.equal for 2-1024 rows, vocab 4k-152k, 1 and 2
-    threads, with and without bias); 8 rows of SmolLM2's 576 x 49152 head take ~12.5 ms instead of
-    ~17.5 ms on 2 cores. Above ~256 rows the product is compute-bound and slicing stops paying;
-    gradients would not be bit-identical, hence the autograd guard.
+    each packed slice in cache. With one intra-op thread every logit gets the same kernel and
+    summation order, so the result equals ``head(hidden)`` exactly (checked with torch.equal for
+    2-1024 rows, vocab 4k-152k, with and without bias). With more threads MKL may split a small
+    product differently from its slices (seen on some CPUs: 4-8 rows differ in the last bit), so the
+    slices are taken only with one thread (the harness's ``--threads 1``). Sliced, 8 rows of
+    SmolLM2's 576 x 49152 head took ~12.5 ms instead of ~17.5 ms. Above ~256 rows the product is
+    compute-bound and slicing stops paying; gradients would not be bit-identical, hence the autograd
+    guard.
     """
     weight = getattr(head, "weight", None)
     rows = hidden.numel() // hidden.shape[-1]
@@ -236,6 +250,7 @@ def _head_product(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         and weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and 1 < rows <= 256
+        and torch.get_num_threads() == 1
         and not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad))
         and weight.shape[0] >= 2 * _HEAD_SLICE
     )

@@ -9,6 +9,7 @@ stream, a context entropy) for the duration of a ``with`` block, and turns what 
 
 from __future__ import annotations
 
+import weakref
 from contextlib import ExitStack
 from typing import Literal
 
@@ -25,6 +26,19 @@ from .strategies.base import ContrastInputs, ContrastStrategy
 from .streams import StreamRunner, _by_name
 
 __all__ = ["ContrastSources", "reads_whole_prompt"]
+
+# The sources attached right now, on any model (weakly, so that a model and its hooks that became
+# garbage together leave nothing behind).
+_ATTACHED: weakref.WeakSet[ContrastSources] = weakref.WeakSet()
+
+
+def _exclusive_reason(degraded: list, amateur_on_same_model: bool) -> str | None:
+    """Why sources with these declarations cannot share their model with other attached sources."""
+    if degraded:
+        return "runs degraded streams as extra rows of every forward of the model"
+    if amateur_on_same_model:
+        return "runs its amateur's forward passes through the same model"
+    return None
 
 
 class ContrastSources:
@@ -76,6 +90,8 @@ class ContrastSources:
                 f"{name} combines degraded streams with an amateur of the same model; give the amateur "
                 "its own model (`Amateur(model=...)`) or use one of the two."
             )
+        self._exclusive = _exclusive_reason(degraded, spec is not None and spec.model in (None, model))
+        self._check_alone()
         self.streams = (
             StreamRunner(
                 model,
@@ -110,9 +126,26 @@ class ContrastSources:
     def attached(self) -> bool:
         return self._stack is not None
 
+    def _check_alone(self) -> None:
+        """Refuse to attach beside other attached sources when either side changes the forward
+        passes the other records (before anything is attached, so the model stays as it was)."""
+        others = [s for s in _ATTACHED if s.model is self.model and s is not self]
+        clash = next((s for s in others if self._exclusive or s._exclusive), None)
+        if clash is None:
+            return
+        mine, theirs = type(self.strategy).__name__, type(clash.strategy).__name__
+        reason = f"{mine} {self._exclusive}" if self._exclusive else f"{theirs} {clash._exclusive}"
+        raise ValueError(
+            f"`model` already has {theirs} attached (a logits processor still referenced, or an open "
+            f"`with` block), and {reason}, so the two cannot share it. Detach the other first "
+            "(`processor.detach()`, or use each processor in its own `with` block, or drop the last "
+            "reference to an inline processor), or combine the strategies in one WeightedContrast."
+        )
+
     def __enter__(self) -> ContrastSources:
         if self._stack is not None:
             raise RuntimeError("These ContrastSources are already attached; use one `with` block at a time.")
+        self._check_alone()
         stack = ExitStack()
         try:
             # Streams first: their hooks expand the batch before anything else sees it and cut the
@@ -132,11 +165,13 @@ class ContrastSources:
             if self.keep_logits:
                 self._handles.append(self.model.register_forward_hook(self._record_logits))
             stack.callback(self._remove_hooks)
+            stack.callback(_ATTACHED.discard, self)
         except BaseException:
             self._remove_hooks()
             stack.close()
             raise
         self._stack = stack
+        _ATTACHED.add(self)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

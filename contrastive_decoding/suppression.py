@@ -162,6 +162,15 @@ class _RowTokens:
             self.positions.append(len(self.ids) - 1)
             self.classifier.push(self.state, token_id)
 
+    def copy(self) -> _RowTokens:
+        """An independent copy of this row that shares its classifier (never modified; deep-copying
+        it would copy the tokenizer too, once per continuation row of every scored item)."""
+        row = _RowTokens.__new__(_RowTokens)
+        row.classifier = self.classifier
+        row.ids, row.real, row.positions = list(self.ids), list(self.real), list(self.positions)
+        row.state = copy.deepcopy(self.state)
+        return row
+
     def truncated(self, length: int) -> _RowTokens:
         row = _RowTokens(self.classifier)
         for token_id, real in zip(self.ids[:length], self.real[:length], strict=True):
@@ -424,7 +433,7 @@ class AttentionSuppression:
                     "beam search and other row reorderings are not supported with attention suppression."
                 )
             factor = distinct // len(self._rows)
-            self._rows = [copy.deepcopy(row) for row in self._rows for _ in range(factor)]
+            self._rows = [row.copy() for row in self._rows for _ in range(factor)]
         flags = real[:distinct].tolist() if real is not None else [[True] * width] * distinct
         total = past + width
         first = max(self._query_start - past, 0)

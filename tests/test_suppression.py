@@ -229,3 +229,26 @@ def test_resolve_layers_scales_fractions_to_depth():
         resolve_layers((0.5, 0.2), 6, "x")
     with pytest.raises(ValueError, match="outside 0..5"):
         resolve_layers([7], 6, "x")
+
+
+
+def test_scoring_rows_share_the_classifier(monkeypatch):
+    """Scoring copies each row's token history once per continuation; the classifier (and with it
+    the tokenizer: 87 of 101 s of one item with a 262k-vocabulary tokenizer) is shared, not
+    deep-copied, and the scores are those of each answer scored alone."""
+    from conftest import char_tokenizer
+
+    from contrastive_decoding import LayerCake, score_continuations
+    from contrastive_decoding.token_classes import TokenClassifier
+
+    def refuse(self, memo):
+        raise AssertionError("the token classifier was deep-copied")
+
+    monkeypatch.setattr(TokenClassifier, "__deepcopy__", refuse, raising=False)
+    model = build_model("llama")
+    tokenizer = char_tokenizer()
+    answers = [" Paris.", " In Rome, Italy.", " x"]
+    together = score_continuations(model, tokenizer, "Q: Where? A:", answers, strategy=LayerCake())
+    for answer, score in zip(answers, together, strict=True):
+        alone = score_continuations(model, tokenizer, "Q: Where? A:", [answer], strategy=LayerCake())[0]
+        assert torch.allclose(score.token_scores, alone.token_scores, atol=1e-5)
