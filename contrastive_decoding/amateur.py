@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from .capture import LayerCapture
 from .padding import pad_rows
 from .prompt_cache import PromptCache
 from .readout import LayerReadout
+from .validation import check_token_ids, check_usable_model, model_vocab_size
 
 __all__ = ["Amateur", "AmateurRunner"]
 
@@ -36,6 +38,11 @@ class Amateur:
         replace: text (or token ids) that every main row starts with (after a BOS token) and that
             the amateur does not read: an instruction meant for the main stream only (LOL's
             truthfulness refocus). The amateur reads ``prefix`` in its place.
+        prefix_argument, replace_argument: the names the caller gave ``prefix`` and ``replace``
+            (e.g. ICD's ``instruction``), used in error messages.
+
+    Token ids (a list or a 1-D integer tensor) must be >= 0; they are checked against the models'
+    vocabularies when the amateur meets them.
 
     Example:
         >>> from contrastive_decoding import Amateur
@@ -49,17 +56,23 @@ class Amateur:
         prefix: str | Sequence[int] | None = None,
         tokenizer=None,
         replace: str | Sequence[int] | None = None,
+        *,
+        prefix_argument: str = "prefix",
+        replace_argument: str = "replace",
     ) -> None:
         if model is None and prefix is None and replace is None:
             raise ValueError(
                 "An Amateur needs `model=` (a smaller model with the same tokenizer) or `prefix=` (an "
                 "instruction for the same model); with neither it would equal the model itself."
             )
-        if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"`model` must be a causal LM (torch.nn.Module), got {type(model).__name__}.")
+        if model is not None:
+            check_usable_model(model, "model")
         self.model = model
-        self.prefix = _check_text(prefix, "prefix")
-        self.replace = _check_text(replace, "replace")
+        # The names the user gave these under (e.g. ICD's `instruction`), for error messages.
+        self.prefix_argument = prefix_argument
+        self.replace_argument = replace_argument
+        self.prefix = _check_text(prefix, prefix_argument)
+        self.replace = _check_text(replace, replace_argument)
         self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
@@ -74,9 +87,14 @@ def _check_text(value, argument: str):
         if not value:
             raise ValueError(f"`{argument}` is an empty string; give the instruction text, or None.")
         return value
-    ids = list(value)
-    if not ids or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+    if isinstance(value, torch.Tensor):
+        # An integer tensor of ids is ids; a float or bool tensor is refused below like a list of them.
+        value = value.tolist() if value.dim() == 1 and not value.is_floating_point() else list(value)
+    ids = list(value) if isinstance(value, Iterable) else []
+    if not ids or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
         raise ValueError(f"`{argument}` must be a non-empty string or a non-empty list of token ids.")
+    ids = [int(t) for t in ids]
+    check_token_ids(ids, None, argument, "token ids are >= 0.")
     return ids
 
 
@@ -143,6 +161,11 @@ class AmateurRunner:
             check_same_vocabulary(model, self.model, tokenizer, amateur.tokenizer)
         self.prefix = _token_ids(amateur.prefix, tokenizer, "prefix")
         self.replace = _token_ids(amateur.replace, tokenizer, "replace")
+        # Refused now, with the argument named, rather than as an IndexError in the embedding at the
+        # first forward: the amateur model reads the prefix, the main model's rows hold `replace`.
+        fix = "use token ids of the model's own tokenizer (or pass the instruction as text with it)."
+        check_token_ids(self.prefix, model_vocab_size(self.model), amateur.prefix_argument, fix)
+        check_token_ids(self.replace, model_vocab_size(model), amateur.replace_argument, fix)
         self.bos_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         self.readout = LayerReadout.from_model(self.model)
         self.layers = self.readout.check_layers(list(layers), "amateur_layers") if layers else []

@@ -20,6 +20,7 @@ import torch
 
 from .capture import LayerCapture
 from .readout import LayerReadout
+from .validation import check_int
 
 __all__ = ["ContextEntropy", "EntropySource"]
 
@@ -55,7 +56,8 @@ class ContextEntropy:
     def __init__(self, readout: LayerReadout, source: EntropySource, positions_per_chunk: int = 64) -> None:
         self.readout = readout
         self.source = source
-        self.positions_per_chunk = positions_per_chunk
+        # 0 would make the chunked loops never advance; refused by name instead.
+        self.positions_per_chunk = check_int("positions_per_chunk", positions_per_chunk, 1)
         self.capture = LayerCapture(readout, [source.layer], positions="all")
         self.reset()
 

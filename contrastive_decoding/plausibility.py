@@ -12,19 +12,33 @@ import math
 
 import torch
 
-__all__ = ["check_relative_top", "plausible_mask"]
+from .validation import check_int, check_number
+
+__all__ = ["check_min_tokens_to_keep", "check_relative_top", "plausible_mask"]
 
 
 def check_relative_top(relative_top: float, argument: str = "relative_top") -> float:
-    """Validate that ``relative_top`` lies in (0, 1] and return it as a float."""
-    if isinstance(relative_top, bool) or not isinstance(relative_top, (int, float)):
-        raise ValueError(f"`{argument}` must be a number in (0, 1], got {relative_top!r}.")
-    if not 0.0 < relative_top <= 1.0:
+    """Validate that ``relative_top`` is a finite number in (0, 1] and return it as a float."""
+    return check_number(
+        argument,
+        relative_top,
+        0.0,
+        1.0,
+        low_open=True,
+        hint="the fraction of the top token's probability a token needs to stay plausible; 0.1 is "
+        "DoLa's default",
+    )
+
+
+def check_min_tokens_to_keep(value: int, vocab_size: int | None = None) -> int:
+    """Validate ``min_tokens_to_keep`` (an int >= 1, at most ``vocab_size`` when known)."""
+    value = check_int("min_tokens_to_keep", value, 1, hint="tokens the plausibility filter always keeps")
+    if vocab_size is not None and value > vocab_size:
         raise ValueError(
-            f"`{argument}` must be in (0, 1] (the fraction of the top token's probability a token "
-            f"needs to stay plausible; 0.1 is DoLa's default), got {relative_top!r}."
+            f"`min_tokens_to_keep`={value} is larger than the model's vocabulary of {vocab_size} tokens; "
+            f"give at most {vocab_size} (1 is the default)."
         )
-    return float(relative_top)
+    return value
 
 
 def plausible_mask(log_probs: torch.Tensor, relative_top: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
@@ -38,6 +52,12 @@ def plausible_mask(log_probs: torch.Tensor, relative_top: float, min_tokens_to_k
     Returns:
         A bool tensor shaped like ``log_probs``; ``True`` marks a kept token.
     """
+    # Scalar checks only (cheap per step): a NaN threshold would silently mask every token, and a
+    # k beyond the vocabulary would fail inside torch.topk.
+    check_relative_top(relative_top)
+    check_min_tokens_to_keep(min_tokens_to_keep, log_probs.shape[-1] if log_probs.dim() else None)
+    if log_probs.dim() == 0:
+        raise ValueError("`log_probs` must have a vocabulary dimension, (..., vocab), got a 0-d tensor.")
     # Same threshold as transformers' former `_relative_top_filter`: the looser of the relative
     # threshold and the k-th best score.
     top = log_probs.max(dim=-1, keepdim=True).values

@@ -9,7 +9,8 @@ captured by hooks in the same passes.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,6 +24,14 @@ from .padding import pad_rows
 from .prompt_cache import PromptCache
 from .sources import ContrastSources
 from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
+from .validation import (
+    check_flag,
+    check_int,
+    check_number,
+    check_token_ids,
+    check_usable_model,
+    model_vocab_size,
+)
 
 __all__ = ["ContinuationScore", "score_continuations"]
 
@@ -64,11 +73,32 @@ def _tokenize(tokenizer, prompt: str, continuations: Sequence[str]) -> tuple[lis
     return prefix, conts
 
 
-def _check_inputs(prompt: str, continuations: Sequence[str], protocol: str, batch_size: int | None) -> None:
+def _check_inputs(
+    tokenizer,
+    prompt: str,
+    continuations: Sequence[str],
+    protocol: str,
+    batch_size: int | None,
+    floor: float,
+    positions_per_chunk: int,
+    share_prefix: bool,
+) -> None:
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError(
+            f"`tokenizer` is required: the model's own tokenizer (callable on text), got {tokenizer!r}."
+        )
     if not isinstance(prompt, str):
         raise ValueError(f"`prompt` must be a string, got {type(prompt).__name__}.")
     if isinstance(continuations, str):
         raise ValueError("`continuations` must be a list of strings, not a single string; wrap it in a list.")
+    # A generator has no length and a dict or set would be scored by its keys in arbitrary order.
+    if isinstance(continuations, (bytes, Mapping, AbstractSet)) or not (
+        hasattr(continuations, "__len__") and hasattr(continuations, "__getitem__")
+    ):
+        raise ValueError(
+            f"`continuations` must be a list of strings, got {type(continuations).__name__}; "
+            "pass list(...) of the answers."
+        )
     if len(continuations) == 0:
         raise ValueError("`continuations` is empty; give at least one answer to score.")
     for i, text in enumerate(continuations):
@@ -76,8 +106,34 @@ def _check_inputs(prompt: str, continuations: Sequence[str], protocol: str, batc
             raise ValueError(f"`continuations[{i}]` must be a non-empty string, got {text!r}.")
     if protocol not in SCORING_PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {SCORING_PROTOCOLS}, got {protocol!r}.")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive int or None, got {batch_size!r}.")
+    check_int("batch_size", batch_size, 1, allow_none=True, hint="continuations per forward pass")
+    check_number("floor", floor, hint="the score of implausible tokens under 'normalized'; e.g. -1000")
+    check_int("positions_per_chunk", positions_per_chunk, 1, hint="scored positions per head product")
+    check_flag("share_prefix", share_prefix)
+
+
+def _check_model(model: nn.Module) -> None:
+    """What every call needs of ``model``, with or without a strategy (a strategy's
+    :class:`~contrastive_decoding.LayerReadout` checks more)."""
+    check_usable_model(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"`model` ({type(model).__name__}) is an encoder-decoder model; score_continuations scores "
+            "with decoder-only causal LMs (e.g. Llama, Qwen2, Mistral, Gemma, Phi, GPT-2, OPT), "
+            "loaded with AutoModelForCausalLM."
+        )
+
+
+def _check_ids(prefix: list[int], conts: list[list[int]], vocab_size: int | None) -> None:
+    """Refuse token ids the model cannot read (an IndexError in its embedding otherwise)."""
+    fix = (
+        "the `tokenizer` does not match `model`: pass the model's own tokenizer (or, after adding "
+        "tokens to it, call model.resize_token_embeddings(len(tokenizer)))."
+    )
+    check_token_ids(prefix, vocab_size, "prompt", fix)
+    for i, cont in enumerate(conts):
+        check_token_ids(cont, vocab_size, f"continuations[{i}]", fix)
 
 
 @torch.no_grad()
@@ -117,7 +173,7 @@ def score_continuations(
             the contrast and gives implausible tokens ``floor`` (DoLa's FACTOR script). Ignored when
             ``strategy`` is ``None``.
         batch_size: rows per forward pass (default: all continuations in one pass).
-        floor: the score of implausible tokens under ``"normalized"``.
+        floor: the score of implausible tokens under ``"normalized"`` (a finite number).
         positions_per_chunk: scored positions per early-exit head product (bounds memory).
         share_prefix: run the prompt once and the continuations on copies of its KV cache (one
             pass for the prompt, then one per batch of continuations); ``False`` runs each row's
@@ -131,6 +187,12 @@ def score_continuations(
     Returns:
         One :class:`ContinuationScore` per continuation, in order.
 
+    Raises:
+        ValueError: naming the argument, before anything is attached: a bad argument, a model that
+            is not a decoder-only causal LM or has weights on the meta device, token ids of the
+            prompt or a continuation outside the model's vocabulary (a tokenizer that does not match
+            the model), or a strategy setting the model rules out.
+
     Example:
         >>> import torch
         >>> from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -140,18 +202,27 @@ def score_continuations(
         ...                              strategy=DoLa("high"))  # doctest: +SKIP
         >>> best = max(scores, key=lambda s: s.total)  # doctest: +SKIP
     """
-    _check_inputs(prompt, continuations, protocol, batch_size)
-    # Resolve and validate the strategy's needs before anything else.
-    sources = ContrastSources(model, strategy, tokenizer, positions="all") if strategy is not None else None
-
+    _check_inputs(
+        tokenizer, prompt, continuations, protocol, batch_size, floor, positions_per_chunk, share_prefix
+    )
+    _check_model(model)
     prefix, conts = _tokenize(tokenizer, prompt, continuations)
     if not prefix:
         raise ValueError(
             "`prompt` tokenizes to no tokens; the first continuation token needs a context "
             "(give a prompt, or use a tokenizer that adds a BOS token)."
         )
+    vocab_size = model_vocab_size(model)
+    _check_ids(prefix, conts, vocab_size)
+    # Resolve and validate the strategy's needs before anything is attached.
+    sources = ContrastSources(model, strategy, tokenizer, positions="all") if strategy is not None else None
+
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None or (vocab_size is not None and not 0 <= pad_id < vocab_size):
+        # Pads fill masked positions only, so any id the model can read gives the same scores; a pad
+        # token added to the tokenizer without resizing the model's embeddings would not be one.
+        pad_id = 0
     step = batch_size or len(conts)
 
     if sources is not None and sources.streams is not None:

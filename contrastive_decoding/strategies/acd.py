@@ -17,10 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..plausibility import check_relative_top, plausible_mask
+from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout, check_layer_indices
-from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
+from ..validation import check_flag
+from .base import (
+    ContrastOutput,
+    LayerContrastStrategy,
+    ScoringProtocol,
+    check_vocabulary,
+    protocol_token_scores,
+)
 
 __all__ = ["AutoContrastive", "AutoContrastiveLogitsProcessor", "acd_log_probs"]
 
@@ -90,18 +97,10 @@ class AutoContrastive(LayerContrastStrategy):
                 )
             if isinstance(layer, float) and not 0.0 <= layer <= 1.0:
                 raise ValueError(f"`layer` as a fraction of depth must be in [0, 1], got {layer!r}.")
-        if not isinstance(final_norm, bool):
-            raise ValueError(f"`final_norm` must be True or False, got {final_norm!r}.")
-        if (
-            isinstance(min_tokens_to_keep, bool)
-            or not isinstance(min_tokens_to_keep, int)
-            or min_tokens_to_keep < 1
-        ):
-            raise ValueError(f"`min_tokens_to_keep` must be an int >= 1, got {min_tokens_to_keep!r}.")
         self.layer = layer
         self.relative_top = check_relative_top(relative_top)
-        self.final_norm = final_norm
-        self.min_tokens_to_keep = min_tokens_to_keep
+        self.final_norm = check_flag("final_norm", final_norm)
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
     def __repr__(self) -> str:
         return (
@@ -110,6 +109,7 @@ class AutoContrastive(LayerContrastStrategy):
         )
 
     def premature_layers(self, readout: LayerReadout) -> list[int]:
+        check_vocabulary(self, readout)
         n = readout.num_layers
         if self.layer is None:
             return [n // 2]

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..context_entropy import ENTROPY_CONTEXTS, EntropyContext, EntropySource
-from ..plausibility import check_relative_top
+from ..plausibility import check_min_tokens_to_keep, check_relative_top
 from ..readout import LayerReadout
+from ..validation import check_flag, check_number
 from .base import ContrastInputs, ContrastStrategy
 
 __all__ = ["ActivationDecoding", "INFO_LAYER"]
@@ -37,7 +38,8 @@ class ActivationDecoding(ContrastStrategy):
     Args:
         info_layer: the state entering block ``info_layer`` (``0..N-1``), or a fraction of depth in
             ``(0, 1)``; default ``26/32`` of the depth (the paper's layer 26 of 32).
-        alpha: weight of the entropy (0.5 in the paper; 0 is the model itself on the plausible set).
+        alpha: weight of the entropy, a finite number >= 0 (0.5 in the paper; 0 is the model itself on
+            the plausible set).
         context: ``"prompt"`` or ``"all"`` (see above). Beam search needs ``"prompt"``.
         relative_top: plausibility threshold on ``q_N`` (``None``: no filter).
         min_tokens_to_keep: tokens the plausibility filter always keeps.
@@ -70,18 +72,15 @@ class ActivationDecoding(ContrastStrategy):
                 f"`info_layer`={info_layer!r} as a fraction of depth must be in (0, 1) (the paper's 26/32 = "
                 f"{INFO_LAYER}); give an int for a layer index."
             )
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-            raise ValueError(f"`alpha` must be a number >= 0 (the paper uses 0.5), got {alpha!r}.")
+        alpha = check_number("alpha", alpha, 0.0, hint="the weight of the entropy; the paper uses 0.5")
         if context not in ENTROPY_CONTEXTS:
             raise ValueError(f"`context` must be one of {ENTROPY_CONTEXTS}, got {context!r}.")
-        if not isinstance(final_norm, bool):
-            raise ValueError(f"`final_norm` must be True or False, got {final_norm!r}.")
         self.info_layer = info_layer
-        self.alpha = float(alpha)
+        self.alpha = alpha
         self.context = context
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
-        self.min_tokens_to_keep = int(min_tokens_to_keep)
-        self.final_norm = final_norm
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
+        self.final_norm = check_flag("final_norm", final_norm)
 
     def __repr__(self) -> str:
         return (

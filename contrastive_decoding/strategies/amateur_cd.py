@@ -9,35 +9,55 @@ refused before anything is attached.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..amateur import Amateur
-from ..plausibility import check_relative_top
+from ..loading import looks_like_path
+from ..plausibility import check_min_tokens_to_keep, check_relative_top
+from ..validation import check_number, check_usable_model
 from .base import ContrastInputs, ContrastStrategy
 
 __all__ = ["ContrastiveDecoding"]
 
 
 def check_temperature(value: float, argument: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    return check_number(argument, value, 0.0, low_open=True, hint="0.5 in contrastive decoding")
+
+
+def _check_amateur_model(amateur_model: object) -> None:
+    if isinstance(amateur_model, (str, os.PathLike)):
+        # A name or path: this class takes a loaded model. Say which, and whether a path exists.
+        text = os.fspath(amateur_model)
+        if looks_like_path(text) and not os.path.exists(os.path.expanduser(text)):
+            raise ValueError(
+                f"`amateur_model`={text!r} is a path that does not exist. Pass a loaded causal LM, e.g. "
+                "`amateur, amateur_tokenizer = load_model(name)` (contrastive_decoding.load_model) where "
+                "`name` is an existing folder or .gguf file, or a Hub id such as "
+                "'HuggingFaceTB/SmolLM2-135M'."
+            )
         raise ValueError(
-            f"`{argument}` must be a positive number (0.5 in contrastive decoding), got {value!r}."
+            f"`amateur_model` must be a causal LM (torch.nn.Module), got the string {text!r}; load it "
+            "first, e.g. `model, tokenizer = load_model(name)` (contrastive_decoding.load_model) or "
+            "AutoModelForCausalLM.from_pretrained(name)."
         )
-    return float(value)
+    check_usable_model(amateur_model, "amateur_model")
 
 
 class ContrastiveDecoding(ContrastStrategy):
     """Contrast the model with a smaller amateur model of the same tokenizer.
 
     Args:
-        amateur_model: the amateur causal LM (e.g. a smaller checkpoint of the same family).
+        amateur_model: the amateur causal LM, loaded (e.g. a smaller checkpoint of the same family,
+            from :func:`~contrastive_decoding.load_model`); a name or path is refused with a hint.
         amateur_tokenizer: its tokenizer; when given, its vocabulary must equal the model's
             (checked when the strategy is attached, with the model's tokenizer).
-        amateur_temperature: divides the amateur's logits before its log-softmax.
+        amateur_temperature: divides the amateur's logits before its log-softmax; a finite number > 0.
         relative_top: plausibility threshold on the expert (``None`` turns the filter off).
-        min_tokens_to_keep: tokens always kept by the plausibility filter.
+        min_tokens_to_keep: tokens always kept by the plausibility filter (an int >= 1).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,14 +76,10 @@ class ContrastiveDecoding(ContrastStrategy):
         relative_top: float | None = 0.1,
         min_tokens_to_keep: int = 1,
     ) -> None:
-        if not isinstance(amateur_model, nn.Module):
-            raise ValueError(
-                f"`amateur_model` must be a causal LM (torch.nn.Module), got {type(amateur_model).__name__}; "
-                "load it first, e.g. with AutoModelForCausalLM.from_pretrained."
-            )
+        _check_amateur_model(amateur_model)
         self.amateur_temperature = check_temperature(amateur_temperature, "amateur_temperature")
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
-        self.min_tokens_to_keep = int(min_tokens_to_keep)
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
         self._amateur = Amateur(model=amateur_model, tokenizer=amateur_tokenizer)
 
     def __repr__(self) -> str:

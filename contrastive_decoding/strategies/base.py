@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 import torch.nn.functional as F
 
-from ..plausibility import plausible_mask
+from ..plausibility import check_min_tokens_to_keep, plausible_mask
 from ..readout import LayerReadout
 from ..suppression import SuppressionRule
 
@@ -179,6 +179,19 @@ class ContrastInputs:
         )
 
 
+def check_vocabulary(strategy: ContrastStrategy, readout: LayerReadout) -> None:
+    """Refuse settings that only the model's vocabulary size can rule out (``min_tokens_to_keep``
+    beyond it), when a strategy first meets a model.
+
+    Every entry point resolves :meth:`ContrastStrategy.premature_layers` before attaching anything,
+    so strategies call this from there: a bad value is refused with the model left untouched,
+    instead of failing in ``torch.topk`` at the first decoding step.
+    """
+    vocab = getattr(readout, "vocab_size", None)  # duck-typed readouts in user code may lack it
+    if getattr(strategy, "relative_top", None) is not None and vocab is not None:
+        check_min_tokens_to_keep(getattr(strategy, "min_tokens_to_keep", 1), vocab)
+
+
 _DECLARE = {
     "layers": "return them from `premature_layers(readout)`.",
     "stream layers": (
@@ -262,8 +275,10 @@ class ContrastStrategy:
         """Indices ``0..N-1`` of the layers whose early exits :meth:`combine` reads (default none).
 
         Raises:
-            ValueError: naming the argument and the valid choices for an invalid layer spec.
+            ValueError: naming the argument and the valid choices for an invalid layer spec, or a
+                ``min_tokens_to_keep`` larger than the model's vocabulary.
         """
+        check_vocabulary(self, readout)
         return []
 
     def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:

@@ -15,6 +15,7 @@ import torch
 
 from ..readout import LayerReadout
 from ..suppression import SuppressionRule
+from ..validation import check_number
 from .base import ContrastInputs, ContrastOutput, ContrastStrategy, ScoringProtocol
 
 __all__ = ["WeightedContrast"]
@@ -25,7 +26,7 @@ class WeightedContrast(ContrastStrategy):
 
     Args:
         parts: ``(weight, strategy)`` pairs, or strategies (weight 1). Weights must be positive
-            numbers.
+            finite numbers.
 
     Example:
         >>> from contrastive_decoding import DoLa, VistaLogits, WeightedContrast
@@ -39,12 +40,19 @@ class WeightedContrast(ContrastStrategy):
             raise ValueError("`parts` must be a non-empty list of strategies or (weight, strategy) pairs.")
         checked = []
         for i, part in enumerate(parts):
-            weight, strategy = (1.0, part) if isinstance(part, ContrastStrategy) else tuple(part)
+            if isinstance(part, ContrastStrategy):
+                part = (1.0, part)
+            if isinstance(part, (str, bytes)) or not isinstance(part, Sequence) or len(part) != 2:
+                raise ValueError(
+                    f"`parts[{i}]` must be a strategy or a (weight, strategy) pair, got {part!r}."
+                )
+            weight, strategy = part
             if not isinstance(strategy, ContrastStrategy):
                 raise ValueError(f"`parts[{i}]` must hold a ContrastStrategy, got {type(strategy).__name__}.")
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-                raise ValueError(f"`parts[{i}]` has weight {weight!r}; weights must be positive numbers.")
-            checked.append((float(weight), strategy))
+            # Finite as well as positive: an infinite weight turns the -inf of ruled-out tokens into
+            # NaN once the parts' scores are added.
+            hint = "the part's weight; weights must be positive"
+            checked.append((check_number(f"parts[{i}]", weight, 0.0, low_open=True, hint=hint), strategy))
         amateurs = {id(s.amateur_stream()) for _, s in checked if s.amateur_stream() is not None}
         if len(amateurs) > 1:
             raise ValueError(

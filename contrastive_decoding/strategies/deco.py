@@ -32,6 +32,7 @@ from torch import nn
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import resolve_layers
+from ..validation import check_flag, check_int, check_number
 from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
 
 __all__ = ["DeCo", "DeCoLogitsProcessor", "DECO_LATE_LAYERS", "deco_logits"]
@@ -143,21 +144,11 @@ class DeCo(LayerContrastStrategy):
         layers: LayerBand = DECO_LATE_LAYERS,
         final_norm: bool = True,
     ) -> None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) >= 0.0:
-            raise ValueError(
-                f"`alpha` must be a number >= 0 (the correction strength; DeCo uses 0.5-0.6), got {alpha!r}."
-            )
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"`top_k` must be an int >= 1 (DeCo uses 20), got {top_k!r}.")
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
-            raise ValueError(f"`top_p` must be in (0, 1] (DeCo uses 0.9), got {top_p!r}.")
-        if not isinstance(final_norm, bool):
-            raise ValueError(f"`final_norm` must be True or False, got {final_norm!r}.")
-        self.alpha = float(alpha)
-        self.top_k = top_k
-        self.top_p = float(top_p)
+        self.alpha = check_number("alpha", alpha, 0.0, hint="the correction strength; DeCo uses 0.5-0.6")
+        self.top_k = check_int("top_k", top_k, 1, hint="DeCo uses 20")
+        self.top_p = check_number("top_p", top_p, 0.0, 1.0, low_open=True, hint="DeCo uses 0.9")
+        self.final_norm = check_flag("final_norm", final_norm)
         self.layers = _check_band(layers)
-        self.final_norm = final_norm
 
     def __repr__(self) -> str:
         return (

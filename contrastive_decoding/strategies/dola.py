@@ -9,7 +9,9 @@ built-in implementation, so greedy outputs match it token for token.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Literal
 
 import torch
@@ -17,10 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..divergence import DIVERGENCES, divergence_and_log_probs
-from ..plausibility import check_relative_top, plausible_mask
+from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout, check_layer_indices
-from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
+from ..validation import check_flag
+from .base import (
+    ContrastOutput,
+    LayerContrastStrategy,
+    ScoringProtocol,
+    check_vocabulary,
+    protocol_token_scores,
+)
 
 __all__ = ["DoLa", "DoLaLogitsProcessor", "dola_candidate_layers", "LAYER_CHOICES"]
 
@@ -72,6 +81,29 @@ def dola_candidate_layers(dola_layers: DoLaLayers, num_layers: int, tied_embeddi
     return check_layer_indices(layers, n, argument="dola_layers")
 
 
+def _check_dola_layers(dola_layers: object) -> str | int | list[int]:
+    """``dola_layers`` as ``"low"``/``"high"``, an int or a list of ints (ranges are checked
+    against the model when the strategy meets it)."""
+    accepted = (
+        "`dola_layers` must be 'low', 'high', an int or a list of ints (layer indices; 0 is the "
+        "embedding output)"
+    )
+    if isinstance(dola_layers, str):
+        if dola_layers not in ("low", "high"):
+            raise ValueError(f"{accepted}, got {dola_layers!r}.")
+        return dola_layers
+    if isinstance(dola_layers, numbers.Integral) and not isinstance(dola_layers, bool):
+        return int(dola_layers)
+    if isinstance(dola_layers, (bytes, Mapping, AbstractSet)) or not isinstance(dola_layers, Iterable):
+        raise ValueError(f"{accepted}, got {dola_layers!r} ({type(dola_layers).__name__}).")
+    layers = list(dola_layers)
+    if not layers:
+        raise ValueError("`dola_layers` is an empty list; give 'low', 'high' or layer indices.")
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in layers):
+        raise ValueError(f"{accepted}, got {layers!r}.")
+    return [int(x) for x in layers]
+
+
 class DoLa(LayerContrastStrategy):
     """DoLa's layer contrast, as a strategy for processors, generate loops and scoring.
 
@@ -86,7 +118,11 @@ class DoLa(LayerContrastStrategy):
             the reference code does.
         divergence: ``"reference"`` (the reference code's formula, default) or ``"jsd"`` (textbook
             Jensen-Shannon); see :mod:`contrastive_decoding.divergence`.
-        min_tokens_to_keep: tokens always kept by the plausibility filter.
+        min_tokens_to_keep: tokens always kept by the plausibility filter (an int >= 1, at most the
+            model's vocabulary size, checked when the strategy meets the model).
+
+    Every argument is validated here (layer ranges when the strategy meets a model); a bad value
+    raises a ``ValueError`` naming it and the accepted values.
 
     Example:
         >>> from contrastive_decoding import DoLa
@@ -103,26 +139,17 @@ class DoLa(LayerContrastStrategy):
         divergence: Literal["reference", "jsd"] = "reference",
         min_tokens_to_keep: int = 1,
     ) -> None:
-        if isinstance(dola_layers, str) and dola_layers not in ("low", "high"):
-            raise ValueError(
-                f"`dola_layers` must be 'low', 'high', an int or a list of ints, got {dola_layers!r}."
-            )
-        if not isinstance(dola_layers, (str, int)):
-            dola_layers = list(dola_layers)
-            if not dola_layers:
-                raise ValueError("`dola_layers` is an empty list; give 'low', 'high' or layer indices.")
+        self.dola_layers = _check_dola_layers(dola_layers)
         if layer_choice not in LAYER_CHOICES:
             raise ValueError(f"`layer_choice` must be one of {LAYER_CHOICES}, got {layer_choice!r}.")
         if divergence not in DIVERGENCES:
             raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
-        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-            raise ValueError(f"`min_tokens_to_keep` must be an int >= 1, got {min_tokens_to_keep!r}.")
-        self.dola_layers = dola_layers
         self.relative_top = check_relative_top(relative_top)
-        self.final_norm = bool(final_norm)
+        # 0/1 were coerced with bool() before and stay valid; other values (e.g. "no") are refused.
+        self.final_norm = check_flag("final_norm", final_norm, allow_int=True)
         self.layer_choice = layer_choice
         self.divergence = divergence
-        self.min_tokens_to_keep = min_tokens_to_keep
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
     def __repr__(self) -> str:
         return (
@@ -132,6 +159,7 @@ class DoLa(LayerContrastStrategy):
         )
 
     def premature_layers(self, readout: LayerReadout) -> list[int]:
+        check_vocabulary(self, readout)
         return dola_candidate_layers(self.dola_layers, readout.num_layers, readout.tied_embeddings)
 
     def _choose(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..amateur import Amateur, _check_text
-from ..plausibility import check_relative_top
+from ..plausibility import check_min_tokens_to_keep, check_relative_top
 from .base import ContrastInputs, ContrastStrategy
 
 __all__ = ["InducedContrast", "UNTRUTHFUL_INSTRUCTION"]
@@ -28,9 +28,10 @@ class InducedContrast(ContrastStrategy):
     """Contrast the model with itself under an instruction that induces false answers (ICD).
 
     Args:
-        instruction: the amateur's instruction, as text or token ids.
+        instruction: the amateur's instruction, as text or token ids (ids are checked against the
+            model's vocabulary when the strategy meets it).
         relative_top: plausibility threshold on the base distribution (``None``: no filter).
-        min_tokens_to_keep: tokens always kept by the plausibility filter.
+        min_tokens_to_keep: tokens always kept by the plausibility filter (an int >= 1).
 
     Example:
         >>> from contrastive_decoding import InducedContrast
@@ -46,10 +47,10 @@ class InducedContrast(ContrastStrategy):
     ) -> None:
         if instruction is None:
             raise ValueError("`instruction` must be the amateur's instruction (text or token ids), got None.")
-        self._amateur = Amateur(prefix=_check_text(instruction, "instruction"))
+        self._amateur = Amateur(prefix=_check_text(instruction, "instruction"), prefix_argument="instruction")
         self.instruction = instruction
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
-        self.min_tokens_to_keep = int(min_tokens_to_keep)
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
     def __repr__(self) -> str:
         return f"InducedContrast(instruction={self.instruction!r}, relative_top={self.relative_top})"

@@ -19,10 +19,11 @@ from torch import nn
 from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..plausibility import check_relative_top, plausible_mask
+from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
 from ..processor import StreamContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import QUERY_ROWS, SUPPRESSION_MODES, LayerSpec, SuppressionRule, resolve_layers
+from ..validation import check_number
 from .base import ContrastOutput, ScoringProtocol, StreamContrastStrategy, protocol_token_scores
 
 __all__ = ["LayerCake", "LayerCakeLogitsProcessor", "layercake_generate", "AMATEURS"]
@@ -61,15 +62,19 @@ class LayerCake(StreamContrastStrategy):
             a ``(start, end)`` pair of fractions of depth (default 1/32 to 5/32) or explicit indices.
         concept_layers: layers where attention to concept tokens is suppressed (default 4/32 to
             20/32, or explicit indices).
-        beta: weight of the intact stream: ``(1 + beta) * log p_orig - log p_mod`` (0 for
-            TruthfulQA, 1 for GSM8K in the development code).
+        beta: weight of the intact stream: ``(1 + beta) * log p_orig - log p_mod``, a finite number
+            > -1 (0 for TruthfulQA, 1 for GSM8K in the development code).
         relative_top: plausibility threshold on ``p_orig`` (``None`` turns the filter off).
         concept_gate: suppress concepts only on query rows whose head-averaged attention mass on
-            them exceeds this (0.05 in the development code); needs eager attention. ``None``: always.
+            them exceeds this, in [0, 1) (0.05 in the development code); needs eager attention.
+            ``None``: always.
         mode: ``"mask"`` removes suppressed keys; ``"bias"`` adds ``bias`` to their scores.
-        bias: additive pre-softmax bias for ``mode="bias"``.
+        bias: additive pre-softmax bias for ``mode="bias"``, a finite number < 0.
         query_rows: ``"generated"`` (rows predicting new tokens, default) or ``"all"``.
-        min_tokens_to_keep: tokens always kept by the plausibility filter.
+        min_tokens_to_keep: tokens always kept by the plausibility filter (an int >= 1, at most the
+            model's vocabulary size, checked when the strategy meets the model).
+
+    Every argument is validated here; a bad value raises a ``ValueError`` naming it.
 
     Example:
         >>> from contrastive_decoding import LayerCake
@@ -92,26 +97,35 @@ class LayerCake(StreamContrastStrategy):
     ) -> None:
         if amateur not in AMATEURS:
             raise ValueError(f"`amateur` must be one of {AMATEURS}, got {amateur!r}.")
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta <= -1:
-            raise ValueError(f"`beta` must be a number > -1 (0 for TruthfulQA, 1 for GSM8K), got {beta!r}.")
         if mode not in SUPPRESSION_MODES:
             raise ValueError(f"`mode` must be one of {SUPPRESSION_MODES}, got {mode!r}.")
         if query_rows not in QUERY_ROWS:
             raise ValueError(f"`query_rows` must be one of {QUERY_ROWS}, got {query_rows!r}.")
-        if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
-            raise ValueError(f"`min_tokens_to_keep` must be an int >= 1, got {min_tokens_to_keep!r}.")
         self.amateur = amateur
         self.punctuation_layers = _check_layer_spec(punctuation_layers, "punctuation_layers")
         self.concept_layers = _check_layer_spec(concept_layers, "concept_layers")
-        self.beta = float(beta)
+        # beta > -1 keeps the intact stream's weight 1 + beta positive (the development code uses 0
+        # and 1); a NaN beta used to turn every score into NaN and decode token 0 at every step.
+        self.beta = check_number("beta", beta, -1.0, low_open=True, hint="0 for TruthfulQA, 1 for GSM8K")
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
-        # Validated here (not only when streams are built) so bad values fail before attaching.
-        SuppressionRule("concept", [], gate=concept_gate)
-        self.concept_gate = concept_gate
+        # Named here as the caller knows it; SuppressionRule would call it `gate` when streams are built.
+        self.concept_gate = check_number(
+            "concept_gate",
+            concept_gate,
+            0.0,
+            1.0,
+            high_open=True,
+            allow_none=True,
+            hint="an attention mass; 0.05 in the development code",
+        )
         self.mode = mode
-        self.bias = float(bias)
+        # Checked here too (AttentionSuppression checks it only when streams are built) so that
+        # the strategy itself is refused, wherever it is used.
+        self.bias = check_number(
+            "bias", bias, high=0.0, high_open=True, hint="the pre-softmax bias of mode='bias'; e.g. -100"
+        )
         self.query_rows = query_rows
-        self.min_tokens_to_keep = min_tokens_to_keep
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,8 @@ The paper's lower layer, weights and instruction placement are not public (``spe
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,10 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..amateur import Amateur, _check_text
-from ..plausibility import check_relative_top
+from ..plausibility import check_min_tokens_to_keep, check_relative_top
 from ..readout import LayerReadout
 from ..suppression import SuppressionRule
-from .base import ContrastInputs, ContrastStrategy
+from ..validation import check_flag, check_number, check_usable_model
+from .base import ContrastInputs, ContrastStrategy, check_vocabulary
 from .icd import UNTRUTHFUL_INSTRUCTION
 from .layercake import LayerCake
 
@@ -42,6 +45,24 @@ def _resolve_depth(spec: int | float, num_layers: int, argument: str) -> int:
     return spec
 
 
+def _check_suppression(suppression: object) -> None:
+    """``suppression`` holds LayerCake keyword arguments only (a clear error instead of a TypeError
+    from ``LayerCake(**suppression)``)."""
+    if suppression is None:
+        return
+    if not isinstance(suppression, Mapping):
+        raise ValueError(
+            "`suppression` must be a dict of LayerCake arguments (e.g. {'amateur': 'concept', 'beta': 1.0}) "
+            f"or None, got {type(suppression).__name__}."
+        )
+    known = set(inspect.signature(LayerCake.__init__).parameters) - {"self"}
+    unknown = sorted(map(str, set(suppression) - known))
+    if unknown:
+        raise ValueError(
+            f"`suppression` has unknown LayerCake argument(s) {unknown}; valid keys: {sorted(known)}."
+        )
+
+
 class LowerLayerFusion(ContrastStrategy):
     """Fuse original-vs-amateur contrasts taken at the final layer and at a lower layer (LOL).
 
@@ -50,15 +71,16 @@ class LowerLayerFusion(ContrastStrategy):
             suppression rules, set with ``suppression=``), ``"prompt"`` (the model behind
             ``amateur_instruction``), or a second model (``nn.Module``, same tokenizer).
         lower_layer: the lower layer ``L``: an index or a fraction of depth (default 0.5).
-        weight: the weight of the lower-layer contrast (``lambda``).
+        weight: the weight of the lower-layer contrast (``lambda``), a finite number >= 0.
         refocus: an instruction for the original stream only (e.g. :data:`TRUTHFUL_INSTRUCTION`);
             prompts must start with it (:meth:`refocus_prompt`). Needs a prompt or model amateur.
         amateur_instruction: the amateur's instruction for ``amateur="prompt"``.
-        suppression: :class:`~contrastive_decoding.LayerCake` arguments for the degraded stream
-            (default: its ``"combined"`` amateur).
+        suppression: a dict of :class:`~contrastive_decoding.LayerCake` arguments for the degraded
+            stream (default: its ``"combined"`` amateur); unknown keys are refused.
         final_norm: apply the final norm to the lower-layer early exits.
         relative_top: plausibility threshold on ``p_o^N`` (``None`` turns the filter off).
-        min_tokens_to_keep: tokens always kept by the plausibility filter.
+        min_tokens_to_keep: tokens always kept by the plausibility filter (an int >= 1, at most the
+            model's vocabulary size).
 
     Example:
         >>> from contrastive_decoding import LowerLayerFusion
@@ -89,8 +111,7 @@ class LowerLayerFusion(ContrastStrategy):
             )
         if isinstance(lower_layer, float) and not 0.0 <= lower_layer < 1.0:
             raise ValueError(f"`lower_layer` as a fraction of depth must be in [0, 1), got {lower_layer!r}.")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"`weight` must be a non-negative number (lambda), got {weight!r}.")
+        weight = check_number("weight", weight, 0.0, hint="lambda, the weight of the lower-layer contrast")
         if refocus is not None and (not isinstance(refocus, str) or not refocus):
             raise ValueError(f"`refocus` must be a non-empty instruction string or None, got {refocus!r}.")
         if refocus is not None and amateur == "suppression":
@@ -107,22 +128,27 @@ class LowerLayerFusion(ContrastStrategy):
             _check_text(amateur_instruction, "amateur_instruction")
         if suppression is not None and amateur != "suppression":
             raise ValueError("`suppression` only applies to `amateur='suppression'`.")
+        _check_suppression(suppression)
+        if isinstance(amateur, nn.Module):
+            check_usable_model(amateur, "amateur")
         self.amateur = amateur
         self.lower_layer = lower_layer
         self.weight = float(weight)
         self.refocus = refocus
         self.amateur_instruction = amateur_instruction
-        self.final_norm = bool(final_norm)
+        # 0/1 were coerced with bool() before and stay valid; other values (e.g. "no") are refused.
+        self.final_norm = check_flag("final_norm", final_norm, allow_int=True)
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
-        self.min_tokens_to_keep = int(min_tokens_to_keep)
+        self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
         self._cake = LayerCake(**(suppression or {})) if amateur == "suppression" else None
         if self._cake is not None:
             self.mode, self.bias, self.query_rows = self._cake.mode, self._cake.bias, self._cake.query_rows
         self._amateur = None
+        names = dict(prefix_argument="amateur_instruction", replace_argument="refocus")
         if amateur == "prompt":
-            self._amateur = Amateur(prefix=amateur_instruction, replace=refocus)
+            self._amateur = Amateur(prefix=amateur_instruction, replace=refocus, **names)
         elif isinstance(amateur, nn.Module):
-            self._amateur = Amateur(model=amateur, replace=refocus)
+            self._amateur = Amateur(model=amateur, replace=refocus, **names)
 
     def __repr__(self) -> str:
         amateur = self.amateur if isinstance(self.amateur, str) else type(self.amateur).__name__
@@ -136,6 +162,7 @@ class LowerLayerFusion(ContrastStrategy):
         return prompt if self.refocus is None else self.refocus + prompt
 
     def premature_layers(self, readout: LayerReadout) -> list[int]:
+        check_vocabulary(self, readout)
         return [_resolve_depth(self.lower_layer, readout.num_layers, "lower_layer")]
 
     def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:

@@ -31,7 +31,6 @@ Details the spec leaves open, read from the authors' ``sled_decoding.py`` (Truth
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +40,7 @@ from torch import nn
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import resolve_layers
+from ..validation import check_flag, check_int, check_number
 from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
 
 __all__ = ["SLED", "SLEDLogitsProcessor", "sled_evolve", "sled_latent"]
@@ -109,20 +109,6 @@ def sled_evolve(
     return torch.where(mask, evolved, float(evolution_lower_bound)), mask
 
 
-def _check_number(name: str, value, minimum: float | None, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite number ({hint}), got {value!r}.")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum} ({hint}), got {value!r}.")
-    return float(value)
-
-
-def _check_count(name: str, value, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1 ({hint}), got {value!r}.")
-    return value
-
-
 class SLED(LayerContrastStrategy):
     """SLED's self logits evolution, as a strategy for processors, generate loops and scoring.
 
@@ -169,20 +155,17 @@ class SLED(LayerContrastStrategy):
         final_norm: bool = False,
         post_softmax: bool = True,
     ) -> None:
-        self.evolution_rate = _check_number(
-            "evolution_rate", evolution_rate, 0.0, "the first evolution step size; SLED uses 2-2.5"
+        self.evolution_rate = check_number(
+            "evolution_rate", evolution_rate, 0.0, hint="the first evolution step size; SLED uses 2-2.5"
         )
-        self.evolution_scale = _check_count(
-            "evolution_scale", evolution_scale, "the number of candidate tokens; SLED uses 50-100"
+        self.evolution_scale = check_int(
+            "evolution_scale", evolution_scale, 1, hint="the number of candidate tokens; SLED uses 50-100"
         )
-        self.evolution_lower_bound = _check_number(
-            "evolution_lower_bound",
-            evolution_lower_bound,
-            None,
-            "the logit of non-candidates; SLED uses -100",
+        self.evolution_lower_bound = check_number(
+            "evolution_lower_bound", evolution_lower_bound, hint="the logit of non-candidates; SLED uses -100"
         )
-        self.evolution_steps = _check_count(
-            "evolution_steps", evolution_steps, "the number of evolution steps; SLED uses 10"
+        self.evolution_steps = check_int(
+            "evolution_steps", evolution_steps, 1, hint="the number of evolution steps; SLED uses 10"
         )
         if layers is not None:
             if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not len(layers):
@@ -191,13 +174,9 @@ class SLED(LayerContrastStrategy):
                     f"indices or a (start, end) pair of fractions of depth, got {layers!r}."
                 )
             layers = list(layers)
-        if not isinstance(final_norm, bool):
-            raise ValueError(f"`final_norm` must be True or False, got {final_norm!r}.")
-        if not isinstance(post_softmax, bool):
-            raise ValueError(f"`post_softmax` must be True or False, got {post_softmax!r}.")
         self.layers = layers
-        self.final_norm = final_norm
-        self.post_softmax = post_softmax
+        self.final_norm = check_flag("final_norm", final_norm)
+        self.post_softmax = check_flag("post_softmax", post_softmax)
 
     def __repr__(self) -> str:
         return (

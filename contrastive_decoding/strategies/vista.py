@@ -17,6 +17,7 @@ from torch import nn
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import resolve_layers
+from ..validation import check_flag, check_number
 from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
 
 __all__ = ["VistaLogits", "VistaLogitsProcessor", "VISTA_LATE_LAYERS"]
@@ -25,17 +26,6 @@ __all__ = ["VistaLogits", "VistaLogitsProcessor", "VISTA_LATE_LAYERS"]
 VISTA_LATE_LAYERS = (25 / 32, 30 / 32)
 
 LayerBand = Sequence[int] | tuple[float, float]
-
-
-def _check_weight(weight_late: float) -> float:
-    if isinstance(weight_late, bool) or not isinstance(weight_late, (int, float)):
-        raise ValueError(f"`weight_late` must be a number in [0, 1], got {weight_late!r}.")
-    if not 0.0 <= float(weight_late) <= 1.0:
-        raise ValueError(
-            f"`weight_late` must be in [0, 1] (the weight of the late layers' mean logits; VISTA "
-            f"uses 0.3), got {weight_late!r}."
-        )
-    return float(weight_late)
 
 
 def _check_band(late_layers: LayerBand) -> list:
@@ -89,11 +79,15 @@ class VistaLogits(LayerContrastStrategy):
         late_layers: LayerBand = VISTA_LATE_LAYERS,
         final_norm: bool = False,
     ) -> None:
-        self.weight_late = _check_weight(weight_late)
+        self.weight_late = check_number(
+            "weight_late",
+            weight_late,
+            0.0,
+            1.0,
+            hint="the weight of the late layers' mean logits; VISTA uses 0.3",
+        )
         self.late_layers = _check_band(late_layers)
-        if not isinstance(final_norm, bool):
-            raise ValueError(f"`final_norm` must be True or False, got {final_norm!r}.")
-        self.final_norm = final_norm
+        self.final_norm = check_flag("final_norm", final_norm)
 
     def __repr__(self) -> str:
         return (

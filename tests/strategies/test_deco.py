@@ -243,9 +243,9 @@ def test_score_continuations_equals_reference(tiny_model, protocol):
 @pytest.mark.parametrize(
     ("kwargs", "fragment"),
     [
-        (dict(alpha=-0.1), "`alpha` must be a number >= 0"),
-        (dict(alpha="0.6"), "`alpha` must be a number >= 0"),
-        (dict(alpha=float("nan")), "`alpha` must be a number >= 0"),
+        (dict(alpha=-0.1), "`alpha` must be (a finite number )?>= 0"),
+        (dict(alpha="0.6"), "`alpha` must be (a finite number )?>= 0"),
+        (dict(alpha=float("nan")), "`alpha` must be (a finite number )?>= 0"),
         (dict(top_k=0), "`top_k` must be an int >= 1"),
         (dict(top_k=2.5), "`top_k` must be an int >= 1"),
         (dict(top_k=True), "`top_k` must be an int >= 1"),

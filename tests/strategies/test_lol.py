@@ -358,7 +358,7 @@ def test_state_restored_after_exceptions(tokenizer, amateur):
         (dict(lower_layer=-0.5), "`lower_layer` as a fraction of depth must be in \\[0, 1\\)"),
         (dict(lower_layer=True), "`lower_layer` must be a layer index or a fraction"),
         (dict(lower_layer="middle"), "`lower_layer` must be a layer index or a fraction"),
-        (dict(weight=-1.0), "`weight` must be a non-negative number"),
+        (dict(weight=-1.0), "`weight` must be (a finite number )?>= 0"),
         (dict(refocus=REFOCUS), "`refocus` needs an amateur that reads its own prompt"),
         (dict(amateur="prompt", refocus=""), "`refocus` must be a non-empty instruction string"),
         (dict(amateur="nouns"), "`amateur` must be 'suppression', 'prompt' or a second model"),

@@ -133,7 +133,7 @@ def test_score_continuations_equals_reference(tiny_model, protocol):
     [
         (dict(weight_late=1.5), "`weight_late` must be in \\[0, 1\\]"),
         (dict(weight_late=-0.1), "`weight_late` must be in \\[0, 1\\]"),
-        (dict(weight_late="0.3"), "`weight_late` must be a number"),
+        (dict(weight_late="0.3"), "`weight_late` must be a finite number"),
         (dict(late_layers=[]), "`late_layers` is empty"),
         (dict(late_layers="late"), "`late_layers` must be a list"),
         (dict(late_layers=(0.9, 0.2)), "`late_layers`=.*0 <= start <= end <= 1"),
