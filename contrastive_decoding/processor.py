@@ -86,7 +86,8 @@ class ContrastLogitsProcessor(LogitsProcessor):
         That makes the contrast identical to the reference, where such processors run after it
         (a -inf mask would otherwise renormalise the mature distribution). If earlier processors
         changed the scores otherwise (e.g. ``repetition_penalty=`` given to ``generate``), their
-        output is contrasted instead, with a warning about the order.
+        output is contrasted instead, with a warning about the order. On an accelerator the choice
+        is made on the device and the warning comes a step late, so no step waits for the host.
         """
         if raw is None or raw.shape != scores.shape:
             return scores
@@ -95,17 +96,45 @@ class ContrastLogitsProcessor(LogitsProcessor):
         shift = scores.float() - raw
         highest = torch.where(finite, shift, -torch.inf).amax(-1)
         lowest = torch.where(finite, shift, torch.inf).amin(-1)
-        if bool((highest - lowest <= 1e-4 * (1.0 + raw.abs().amax(-1))).all()):
+        only_masked = (highest - lowest <= 1e-4 * (1.0 + raw.abs().amax(-1))).all()
+        if scores.device.type != "cpu":
+            self._check_order_later(only_masked)
+            return torch.where(only_masked, raw, scores.float())
+        if bool(only_masked):
             return raw
-        if not getattr(self, "_warned_order", False):
+        self._warn_order()
+        return scores
+
+    def _warn_order(self) -> None:
+        if not self._warned_order:
             self._warned_order = True
             warnings.warn(
                 f"Logits processors before {type(self).__name__} changed the scores it contrasts "
                 "(e.g. `repetition_penalty=` passed to generate). To apply them to the contrasted "
                 "scores, as DoLa does, pass them in `logits_processor=` after this processor.",
-                stacklevel=3,
+                stacklevel=4,
             )
-        return scores
+
+    def _check_order_later(self, only_masked: torch.Tensor) -> None:
+        """Read an earlier step's flag once its copy to the host has landed (never waiting)."""
+        if self._warned_order:
+            return
+        if only_masked.device.type != "cuda":  # other accelerators: read it at once
+            if not bool(only_masked):
+                self._warn_order()
+            return
+        if self._order_flag is not None and self._order_flag[1].query():
+            flag, _ = self._order_flag
+            self._order_flag = None
+            if not bool(flag):
+                self._warn_order()
+                return
+        if self._order_flag is None:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(only_masked, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._order_flag = (flag, event)
 
     def __init__(self, model: nn.Module, strategy: ContrastStrategy, tokenizer=None, classifier=None) -> None:
         self.strategy = strategy
@@ -117,6 +146,8 @@ class ContrastLogitsProcessor(LogitsProcessor):
         self._layer_ids = torch.tensor(self.layers, dtype=torch.long)
         self._chosen: list[torch.Tensor] = []
         self._last_call: tuple[int, int] | None = None  # (rows, length) of the previous call
+        self._warned_order = False
+        self._order_flag: tuple[torch.Tensor, object] | None = None  # see _check_order_later
         self.sources.__enter__()
         # The model's hooks hold the sources, never the processor, so a processor passed inline
         # (no `with`) is collected once `generate` returns and nothing references it: this then
@@ -147,7 +178,7 @@ class ContrastLogitsProcessor(LogitsProcessor):
             self._chosen.clear()
         self._last_call = (rows, length)
         if chosen is not None:
-            self._chosen.append(self._layer_ids[chosen.cpu()])
+            self._chosen.append(chosen)  # positions in self.layers, mapped when read (no sync here)
 
     @property
     def chosen_layers(self) -> torch.Tensor:
@@ -160,7 +191,7 @@ class ContrastLogitsProcessor(LogitsProcessor):
         """
         if not self._chosen:
             return torch.empty(0, 0, dtype=torch.long)
-        return torch.stack(self._chosen)
+        return self._layer_ids[torch.stack(self._chosen).cpu()]
 
     def reset(self) -> None:
         """Forget the layer history and recorded states, e.g. between two ``generate`` calls."""

@@ -15,6 +15,7 @@ the stream after block ``j``, and ``N`` (the mature layer) is the model's own ou
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -182,17 +183,69 @@ class LayerReadout:
                 logit soft-capping) before the head. DoLa's reference applies the raw head.
 
         Returns:
-            Logits of shape ``(..., vocab_size)`` in the model's dtype.
+            Logits of shape ``(..., vocab_size)`` in the model's dtype, except for float16 models:
+            float32 there. Early exits without the final norm can be far larger than the model's
+            own output and overflow float16 in the head product (``inf``, then ``NaN`` in every
+            softmax), so each row is divided by a power of two that keeps its product in range
+            (chosen from ``|h|_1 * max|W|``), multiplied back in float32, and the bias corrected;
+            rows in range are computed exactly as ``head(hidden)``. bfloat16 has float32's range.
         """
         if final_norm and self.final_norm is not None:
             hidden = self.final_norm(hidden)
+        half = hidden.dtype == torch.float16
         if self.project_out is not None:
             # Needed for shape (hidden size != embedding size), so applied with or without norm.
-            hidden = self.project_out(hidden)
-        logits = _head_product(self.head, hidden)
+            hidden = _scaled_half_linear(self.project_out, hidden) if half else self.project_out(hidden)
+        logits = _scaled_half_linear(self.head, hidden) if half else _head_product(self.head, hidden)
         if final_norm and self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+
+# Largest float16 product magnitude allowed before scaling (float16's max is 65504): headroom for
+# the rounding of the bound and of the bias added after the product.
+_HALF_LIMIT = 2.0**14
+# id(head weight) -> (a weak reference to it, its version, max |w| as a float32 scalar tensor): the
+# bound is read once per weight, not every step. (Tensors cannot be WeakKeyDictionary keys: their
+# `==` is elementwise.)
+_WEIGHT_BOUND: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def _max_abs_weight(weight: torch.Tensor) -> torch.Tensor:
+    cached = _WEIGHT_BOUND.get(id(weight))
+    if cached is None or cached[0]() is not weight or cached[1] != weight._version:
+        with torch.no_grad():
+            bound = weight.detach().abs().amax().float()
+        key = id(weight)
+        _WEIGHT_BOUND[key] = cached = (
+            weakref.ref(weight, lambda _, key=key: _WEIGHT_BOUND.pop(key, None)),
+            weight._version,
+            bound,
+        )
+    return cached[2]
+
+
+def _scaled_half_linear(linear: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``linear(hidden)`` in float32 for a float16 linear map (the head, OPT's ``project_out``),
+    without overflow (see ``early_exit_logits``); ``hidden`` may be float16 or float32.
+
+    Each row ``h`` runs as ``linear(h / s) * s - b * (s - 1)``, ``s`` the smallest power of two
+    with ``|h|_1 * max|W| / s <= 2**14``: dividing by a power of two is exact, so rows with
+    ``s = 1`` equal ``linear(h)``, and larger rows keep float16's relative precision. No float32
+    copy of the weight is made, and nothing leaves the device (no host synchronisation).
+    """
+    weight = linear.weight
+    if weight.device.type == "meta":  # offloaded: its weights exist only inside its forward
+        return linear(hidden.to(torch.float16)).float()
+    bound = hidden.detach().abs().float().sum(-1, keepdim=True) * _max_abs_weight(weight).to(hidden.device)
+    scale = torch.exp2(torch.ceil(torch.log2(bound / _HALF_LIMIT)).clamp(min=0.0))
+    out = linear((hidden.float() / scale).to(torch.float16)).float()
+    scale = scale.to(out.device)
+    out = out * scale
+    bias = getattr(linear, "bias", None)
+    if bias is not None:
+        out = out - bias.to(out.device).float() * (scale - 1.0)
+    return out
 
 
 def check_layer_indices(

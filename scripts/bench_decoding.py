@@ -124,11 +124,11 @@ PROMPTS = (
 # ----------------------------------------------------------------------------- model and inputs
 
 
-def _tiny_config():
+def _tiny_config(vocab: int = 1024):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=1024,
+        vocab_size=vocab,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=8,
@@ -142,11 +142,11 @@ def _tiny_config():
     )
 
 
-def _tiny_model():
+def _tiny_model(vocab: int = 1024):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(_tiny_config()).eval()
+    return LlamaForCausalLM(_tiny_config(vocab)).eval()
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -577,7 +577,7 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, Path]:
     tokenizer = None
     source = str(workdir / "model.pickle")
     if args.tiny:
-        model = _tiny_model().to(dtype)
+        model = _tiny_model(args.vocab).to(dtype)
         vocab = model.config.vocab_size
     else:
         from contrastive_decoding import DEFAULT_MODEL, load_model
@@ -648,6 +648,12 @@ def main(argv: list[str] | None = None) -> None:
         "--model", default="smollm2", help="'smollm2' (embedded), a Hub id, a folder or a .gguf"
     )
     parser.add_argument("--tiny", action="store_true", help="a tiny random 8-layer llama (fast smoke test)")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=1024,
+        help="--tiny only: vocabulary size, e.g. 32000, 128256 (Llama-3), 262144 (Gemma-3)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--new-tokens", type=int, default=32, help="N, tokens per timed run (>= 2)")
@@ -730,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     meta = {
-        "model": "tiny-random-llama" if args.tiny else args.model,
+        "model": f"tiny-random-llama (vocab {args.vocab})" if args.tiny else args.model,
         "device": args.device,
         "device_name": (
             torch.cuda.get_device_name(args.device)
