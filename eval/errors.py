@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DataError", "EvalError"]
+__all__ = ["DataError", "EvalError", "NonFiniteScoreError", "RunLockedError"]
 
 
 class EvalError(Exception):
@@ -11,3 +11,22 @@ class EvalError(Exception):
 
 class DataError(EvalError):
     """A benchmark data file is missing or malformed, or the Hub copy could not be loaded."""
+
+
+class RunLockedError(EvalError):
+    """Another live process writes the same run folder (or the same shard of it)."""
+
+
+class NonFiniteScoreError(EvalError):
+    """A strategy produced NaN or infinite scores during generation.
+
+    Attributes:
+        rows: the batch rows (positions in the batch of prompts) whose scores were not finite; the
+            runner turns them into item ids.
+        detail: what was found, e.g. ``"NaN in the step scores"``.
+    """
+
+    def __init__(self, rows: list[int], detail: str) -> None:
+        super().__init__(f"rows {rows}: {detail}")
+        self.rows = rows
+        self.detail = detail

@@ -3,18 +3,67 @@
 A run killed mid-write leaves at most a truncated last line (every record is written as one
 ``write`` of a line that contains no raw newline); :func:`repair_tail` cuts it off before the
 file is appended to again, and :func:`read_records` skips it, so no item is lost or duplicated.
+
+One writer per records file: :class:`RunLock` holds ``flock`` locks on hidden lock files in the
+run folder for as long as a run writes there. An unsharded run holds the folder's lock
+exclusively; each shard holds it shared (so shards run side by side) plus its own shard's lock
+exclusively. The kernel drops the locks when the process ends, however it ends (kill -9 too), so
+a lock file left behind never blocks a resume.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["RecordWriter", "item_files", "read_records", "repair_tail"]
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs go unlocked there
+    fcntl = None  # type: ignore[assignment]
+
+from .errors import EvalError, RunLockedError
+
+__all__ = [
+    "FOLDER_LOCK",
+    "RecordWriter",
+    "RunLock",
+    "item_files",
+    "non_finite_values",
+    "read_records",
+    "repair_tail",
+    "shard_lock_name",
+]
+
+#: The run folder's lock file (hidden, never a result; ``.gitignore`` covers the pattern
+#: ``.contrastive-decoding*.lock``).
+FOLDER_LOCK = ".contrastive-decoding.lock"
+
+
+def shard_lock_name(rank: int, world: int) -> str:
+    """The lock file of shard ``rank`` of ``world``."""
+    return f".contrastive-decoding.shard{rank}-of-{world}.lock"
+
+
+def non_finite_values(record: Mapping[str, Any]) -> list[str]:
+    """The metrics and scores of a record that are NaN or infinite, as ``"name=value"``.
+
+    Scores are the record's fields whose names start with ``score`` (``scores_true``,
+    ``score_right``, ...): a number or a list of numbers.
+    """
+    found = []
+    fields = [(f"metrics.{k}", v) for k, v in (record.get("metrics") or {}).items()]
+    fields += [(k, v) for k, v in record.items() if k.startswith("score")]
+    for name, value in fields:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for i, v in enumerate(values):
+            if isinstance(v, float) and not math.isfinite(v):
+                found.append(f"{name}[{i}]={v}" if value is values else f"{name}={v}")
+    return found
 
 
 def repair_tail(path: Path) -> int:
@@ -103,3 +152,103 @@ class RecordWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RunLock:
+    """The locks of one run process on its run folder (see the module docstring).
+
+    Args:
+        folder: the run folder (it must exist).
+        rank: this process's shard.
+        world: the number of shards (1: unsharded).
+
+    Attributes:
+        alone: no other process held the folder's lock when this one took it; only then may a run
+            replace settings that no record depends on yet.
+        files: the lock files this process opened (the runner removes them from a folder it made
+            itself when the run fails before recording anything).
+
+    Raises:
+        RunLockedError: another live process holds the folder (an unsharded run, or any run when
+            this one is unsharded) or this shard.
+    """
+
+    def __init__(self, folder: Path, rank: int = 0, world: int = 1) -> None:
+        self.folder = folder
+        self.alone = True
+        self.files: list[Path] = []
+        self._handles: list[IO[str]] = []
+        if fcntl is None:
+            return
+        try:
+            self._lock_folder(world)
+            if world > 1:
+                self._take(
+                    shard_lock_name(rank, world), fcntl.LOCK_EX, f"shard {rank}/{world} is being run by"
+                )
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock_folder(self, world: int) -> None:
+        if world == 1:
+            self._take(FOLDER_LOCK, fcntl.LOCK_EX, "this run folder is being written by")
+            return
+        who = "an unsharded run of this folder is being written by"
+        handle = self._open(FOLDER_LOCK)
+        try:  # no other process here at all? (Linux drops a lock whose conversion fails: no upgrade)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.truncate(0)  # an earlier unsharded run's pid would name the wrong process
+        except OSError:
+            self.alone = False
+        try:  # shared from here on, so that the other shards run beside this one
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise self._refused(handle, who) from None
+
+    def _open(self, name: str) -> IO[str]:
+        path = self.folder / name
+        handle = open(path, "a+", encoding="utf-8")
+        self._handles.append(handle)
+        self.files.append(path)
+        return handle
+
+    def _take(self, name: str, mode: int, who: str) -> IO[str]:
+        handle = self._open(name)
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError:
+            raise self._refused(handle, who) from None
+        # The holder's pid, for the message of a refused second process.
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    def _refused(self, handle: IO[str], who: str) -> RunLockedError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        return RunLockedError(
+            f"--out {self.folder}: {who} another process{pid}; wait for it to finish, or use another "
+            "--out folder (a killed run holds no lock: rerunning resumes it)."
+        )
+
+    def release(self) -> None:
+        """Drop the locks (closing the files releases them)."""
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def lock_error(folder: Path, exc: OSError) -> EvalError:
+    """A one-line error for a run folder that cannot be created or locked."""
+    return EvalError(
+        f"--out {folder}: cannot create or write there ({exc.strerror or exc}); choose another folder."
+    )

@@ -10,11 +10,20 @@ uninterrupted run).
 Sharding: ``shard=(i, n)`` runs items ``i, i+n, i+2n, ...``; under ``accelerate launch`` (or
 ``torchrun``) the process rank and world size are used. Shards write separate files; the shard
 that finds every item recorded when it finishes merges them into the summary.
+
+Validation comes first: settings, parameters and the output folder before the data and the model
+load, then the parameters that depend on the model's depth (layers, streams, amateur) before
+``run.json`` or a records file is written. A failure before the first record takes back what the
+call wrote, so the corrected command runs in the same folder. One process writes each records
+file (:class:`~contrastive_decoding.eval.records.RunLock`). A record whose scores or metrics are
+NaN or infinite stops the run (nothing of its batch is recorded): a NaN cannot be ranked, and an
+``argmax`` over one silently picks the first answer.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -24,12 +33,20 @@ from typing import Any
 
 from .benchmarks import Benchmark, EvalContext, get_benchmark
 from .data import ResolvedData, load_hub_rows, resolve_data
-from .errors import DataError, EvalError
-from .records import RecordWriter, item_files, read_records, repair_tail
-from .strategies import StrategyRun, build_strategy, check_strategy
+from .errors import DataError, EvalError, NonFiniteScoreError
+from .records import (
+    RecordWriter,
+    RunLock,
+    item_files,
+    lock_error,
+    non_finite_values,
+    read_records,
+    repair_tail,
+)
+from .strategies import StrategyRun, build_strategy, check_on_model, check_strategy
 from .summary import SUMMARY_JSON, SUMMARY_MD, build_summary, write_json_atomic, write_summary
 
-__all__ = ["RunConfig", "RunResult", "load_items", "run_eval"]
+__all__ = ["RunConfig", "RunResult", "check_out_folder", "load_items", "run_eval"]
 
 RUN_FILE = "run.json"
 SCORING_PROTOCOLS = ("paper", "normalized")
@@ -137,8 +154,65 @@ def _check_config(cfg: RunConfig, benchmark: Benchmark) -> None:
         index, count = cfg.shard
         if count < 1 or not 0 <= index < count:
             raise EvalError(f"--shard {index}/{count}: write it as I/N with 0 <= I < N, e.g. --shard 0/4.")
-    if cfg.bootstrap < 100:
-        raise EvalError(f"--bootstrap must be at least 100 resamples, got {cfg.bootstrap}.")
+    _check_int("bootstrap", cfg.bootstrap, 100, "resamples")
+    _check_int("seed", cfg.seed, 0, "")
+    rp = cfg.repetition_penalty
+    if rp is not None and (isinstance(rp, bool) or not isinstance(rp, (int, float)) or not math.isfinite(rp)):
+        raise EvalError(f"--repetition-penalty {rp}: must be a finite number > 0 (1.0 is no penalty).")
+    if rp is not None and rp <= 0:
+        raise EvalError(
+            f"--repetition-penalty {rp}: must be > 0 (1.0 is no penalty; DoLa's authors use 1.2)."
+        )
+    _check_torch_settings(cfg)
+
+
+def _check_int(name: str, value: Any, minimum: int, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f"an integer >= {minimum}" + (f" ({unit})" if unit else "")
+        raise EvalError(f"--{name} {value}: must be {what}.")
+
+
+def _check_torch_settings(cfg: RunConfig) -> None:
+    """--dtype and --device, so that a typo is not reported as a model that cannot load."""
+    import torch
+
+    if not isinstance(getattr(torch, str(cfg.dtype), None), torch.dtype):
+        raise EvalError(f"--dtype {cfg.dtype!r}: not a torch dtype; use float32, bfloat16 or float16.")
+    if cfg.device_map is not None or cfg.device == "auto":
+        return
+    try:
+        device = torch.device(cfg.device)
+    except (RuntimeError, TypeError):
+        raise EvalError(f"--device {cfg.device!r}: not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu or auto.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise EvalError(
+            f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"numbered from 0."
+        )
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that names a file, lies under a file, or cannot be written (before
+    anything loads; nothing is created here).
+
+    Raises:
+        EvalError: naming ``--out`` and the fix.
+    """
+    if out.exists() and not out.is_dir():
+        raise EvalError(
+            f"--out {out}: is a file, not a folder; give a folder path (it is created if absent)."
+        )
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise EvalError(
+            f"--out {out}: {existing} is a file, so no folder can be made under it; give a folder path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {out}: {existing} is not writable; choose a folder you can write to.")
 
 
 def _rank_and_world(cfg: RunConfig) -> tuple[int, int, int | None]:
@@ -219,21 +293,37 @@ def _strategy_label(cfg: RunConfig) -> str:
     return f"{cfg.strategy}[{inner}]"
 
 
-def _check_run_file(out: Path, identity: dict) -> None:
+def _check_run_file(out: Path, identity: dict, replaceable: bool) -> bool:
+    """Whether ``run.json`` is to be written: absent, or (``replaceable``: no record depends on
+    it and no other process shares the folder) left by a run that failed before its first item.
+
+    Raises:
+        EvalError: the folder holds records made with other settings, or an unreadable run.json.
+    """
     path = out / RUN_FILE
-    if path.is_file():
+    if not path.is_file():
+        return True
+    try:
         with open(path, encoding="utf-8") as f:
             previous = json.load(f).get("identity", {})
-        diffs = [k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k]))]
-        if diffs:
-            k = diffs[0]
-            raise EvalError(
-                f"--out {out}: holds a run with other settings ({k}: {previous.get(k)!r} there, "
-                f"{identity[k]!r} now); use another --out folder or delete that one."
-            )
+    except (ValueError, AttributeError):
+        if replaceable:
+            return True
+        raise EvalError(
+            f"--out {out}: {RUN_FILE} is not a run's settings file, yet the folder holds records; use "
+            "another --out folder, or restore that file."
+        ) from None
+    diffs = [k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k]))]
+    if diffs and not replaceable:
+        k = diffs[0]
+        raise EvalError(
+            f"--out {out}: holds a run with other settings ({k}: {previous.get(k)!r} there, "
+            f"{identity[k]!r} now); use another --out folder or delete that one."
+        )
+    return bool(diffs)
 
 
-def _load_model(cfg: RunConfig, local_rank: int | None):
+def _load_model(cfg: RunConfig, local_rank: int | None, argument: str = "--model"):
     from contrastive_decoding import load_model
 
     kwargs: dict[str, Any] = {}
@@ -247,7 +337,7 @@ def _load_model(cfg: RunConfig, local_rank: int | None):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EvalError(
-            f"--model {cfg.model}: cannot load it ({first[:300]}); pass 'smollm2', a Hub id, a model "
+            f"{argument} {cfg.model}: cannot load it ({first[:300]}); pass 'smollm2', a Hub id, a model "
             "folder or a .gguf file."
         ) from None
 
@@ -267,6 +357,7 @@ def _load_judge(cfg: RunConfig, local_rank: int | None):
             device_map=cfg.device_map,
         ),
         local_rank,
+        "--judge",
     )
     if cfg.judge_info:
         info_model, info_tok = _load_model(
@@ -279,6 +370,7 @@ def _load_judge(cfg: RunConfig, local_rank: int | None):
                 device_map=cfg.device_map,
             ),
             local_rank,
+            "--judge-info",
         )
     else:
         info_model, info_tok = truth_model, truth_tok
@@ -302,29 +394,78 @@ def run_eval(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> RunRes
         A :class:`RunResult`; ``summary`` is set when every item of every shard is recorded.
 
     Raises:
-        EvalError: bad settings, data or model (one line naming the argument and the fix).
+        EvalError: bad settings, data or model (one line naming the argument and the fix), a run
+            folder another process writes (:class:`~contrastive_decoding.eval.errors.RunLockedError`),
+            or an item whose scores are not finite.
     """
     benchmark = get_benchmark(cfg.benchmark)
     _check_config(cfg, benchmark)
-    base_name, params = check_strategy(cfg.strategy, cfg.params)  # fail before loading anything
+    base_name, params = check_strategy(cfg.strategy, cfg.params)  # names and values, before loading
+    out = Path(cfg.out)
+    check_out_folder(out)
     resolved = resolve_data(benchmark.source, benchmark.name, cfg.data, cfg.data_dir)
     items = load_items(benchmark, resolved)
     if cfg.limit is not None:
         items = items[: cfg.limit]
     if not items:
         raise DataError(f"benchmark {benchmark.name}: the data has no items.")
+    if model is not None and tokenizer is None:
+        raise ValueError("`tokenizer` is required when `model` is given")
     rank, world, local_rank = _rank_and_world(cfg)
-    out = Path(cfg.out)
 
+    # The lock comes before the model loads, so that a second process stops at once.
+    trace = _Trace(folder_created=not out.exists())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out, rank, world)
+    except OSError as exc:
+        raise lock_error(out, exc) from None
+    with lock:
+        try:
+            return _run_locked(
+                cfg, benchmark, base_name, params, resolved, items, lock, trace, model, tokenizer
+            )
+        except BaseException:
+            _take_back(out, trace, lock)
+            raise
+
+
+@dataclass
+class _Trace:
+    """What one call created in the run folder (taken back if it fails before any record)."""
+
+    folder_created: bool
+    files: list[Path] = field(default_factory=list)
+
+
+def _take_back(out: Path, trace: _Trace, lock: RunLock) -> None:
+    """Remove what this call wrote when no item is recorded in the folder, so that the corrected
+    command starts clean; with any record there (this or another process's), keep everything."""
+    if read_records(item_files(out)):
+        return
+    for path in trace.files:
+        path.unlink(missing_ok=True)
+    if trace.folder_created:
+        for path in lock.files:  # while still held: a process that opened one now is refused
+            path.unlink(missing_ok=True)
+        try:
+            out.rmdir()
+        except OSError:
+            pass  # another process put something there meanwhile
+
+
+def _run_locked(
+    cfg, benchmark, base_name, params, resolved, items, lock, trace, model, tokenizer
+) -> RunResult:
+    out = lock.folder
+    rank, world, local_rank = _rank_and_world(cfg)
     if model is None:
         model, tokenizer = _load_model(cfg, local_rank)
-    elif tokenizer is None:
-        raise ValueError("`tokenizer` is required when `model` is given")
     strategy = build_strategy(model, base_name, params, tokenizer=tokenizer)
+    check_on_model(strategy, model, tokenizer, given=params)  # layers vs the model's depth
+    judge = _load_judge(cfg, local_rank)
     gen = _generation_settings(cfg, benchmark, strategy)
     identity = _identity(cfg, benchmark, strategy, resolved, gen)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run_file(out, identity)
     settings = {
         "identity": identity,
         "model": cfg.model,
@@ -340,19 +481,20 @@ def run_eval(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> RunRes
         "limit": cfg.limit,
         "shards": world,
     }
-    if not (out / RUN_FILE).is_file():
-        write_json_atomic(out / RUN_FILE, settings)
 
+    # Everything is validated: from here on the folder is written.
     ids = [it["id"] for it in items]
     own_file = _items_file(out, rank, world)
     repair_tail(own_file)  # a kill mid-write leaves a cut last line in this shard's own file
     done = read_records(item_files(out))
+    if _check_run_file(out, identity, replaceable=lock.alone and not done):
+        write_json_atomic(out / RUN_FILE, settings)
+        trace.files.append(out / RUN_FILE)
     if not all(i in done for i in ids):
         # A summary from an earlier, smaller target must not describe this unfinished one.
         for name in (SUMMARY_JSON, SUMMARY_MD):
             (out / name).unlink(missing_ok=True)
     mine = items[rank::world]
-    judge = _load_judge(cfg, local_rank)
     ctx = EvalContext(
         model,
         tokenizer,
@@ -365,13 +507,37 @@ def run_eval(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> RunRes
         judge=judge,
     )
     size = (cfg.batch_size or benchmark.batch_size) if benchmark.task == "generate" else 1
-    _run_shard(benchmark, ctx, mine, done, own_file, size, cfg.progress, rank)
+    if not own_file.exists():
+        trace.files.append(own_file)
+    _run_shard(benchmark, ctx, mine, done, own_file, size, cfg.progress, rank, cfg.strategy)
 
     # No barrier: whichever shard finds every item recorded writes the summary (atomically).
     return _finish(out, benchmark, ids, settings, cfg)
 
 
-def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank) -> None:
+def _non_finite_error(strategy: str, benchmark: Benchmark, ids: list, detail: str) -> EvalError:
+    which = f"item {ids[0]}" if len(ids) == 1 else "items " + ", ".join(map(str, ids))
+    return EvalError(
+        f"--strategy {strategy}: {which} ({benchmark.name}) got non-finite scores ({detail}); nothing "
+        "was recorded for it and no summary is written. A NaN or infinite score cannot be ranked: "
+        "check the strategy's --param values, or use --dtype float32/bfloat16 if float16 overflows."
+    )
+
+
+def _evaluate_checked(benchmark: Benchmark, ctx: EvalContext, batch: list[dict], strategy: str) -> list[dict]:
+    """The batch's records, refused whole when any of them holds a NaN or infinite score."""
+    try:
+        records = benchmark.evaluate(ctx, batch)
+    except NonFiniteScoreError as exc:  # raised inside generation, by batch row
+        ids = [batch[row]["id"] for row in exc.rows if row < len(batch)] or [it["id"] for it in batch]
+        raise _non_finite_error(strategy, benchmark, ids, exc.detail) from None
+    bad = [(r["id"], found) for r in records if (found := non_finite_values(r))]
+    if bad:
+        raise _non_finite_error(strategy, benchmark, [i for i, _ in bad], ", ".join(bad[0][1][:3]))
+    return records
+
+
+def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank, strategy="") -> None:
     from tqdm.auto import tqdm
 
     todo = [b for b in _batches(mine, size) if not all(it["id"] in done for it in b)]
@@ -387,7 +553,7 @@ def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank) -> None:
     with RecordWriter(path) as writer:
         for batch in todo:
             start = time.perf_counter()
-            records = benchmark.evaluate(ctx, batch)
+            records = _evaluate_checked(benchmark, ctx, batch, strategy)
             seconds = (time.perf_counter() - start) / len(batch)
             for record in records:
                 if record["id"] in done:
@@ -404,6 +570,16 @@ def _finish(out: Path, benchmark: Benchmark, ids: list, settings: dict, cfg: Run
     missing = [i for i in ids if i not in records]
     if missing:
         return RunResult(out, len(ids) - len(missing), len(ids), None)
+    for i in ids:  # records written before the harness checked scores can still hold a NaN
+        found = non_finite_values(records[i])
+        if found:
+            for name in (SUMMARY_JSON, SUMMARY_MD):
+                (out / name).unlink(missing_ok=True)
+            files = ", ".join(p.name for p in item_files(out))
+            raise EvalError(
+                f"--out {out}: item {i} in {files} holds a non-finite value ({found[0]}), so no summary "
+                "is written; delete that item's line to have it redone, or rerun into another --out."
+            )
     summary = build_summary(benchmark, [records[i] for i in ids], settings, cfg.bootstrap, cfg.seed)
     write_summary(out, summary)
     return RunResult(out, len(ids), len(ids), summary)

@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from contrastive_decoding import (
     SLED,
@@ -39,8 +43,9 @@ from contrastive_decoding import (
     load_model,
 )
 from contrastive_decoding.amateur import check_same_vocabulary
+from contrastive_decoding.sources import ContrastSources
 
-from .errors import EvalError
+from .errors import EvalError, NonFiniteScoreError
 
 __all__ = [
     "PRESETS",
@@ -48,7 +53,9 @@ __all__ = [
     "StrategyEntry",
     "StrategyRun",
     "build_strategy",
+    "check_on_model",
     "check_strategy",
+    "check_values",
     "parse_params",
     "register",
 ]
@@ -83,12 +90,19 @@ class StrategyEntry:
         defaults: the accepted parameters and their defaults (``--param`` names outside it are
             rejected).
         description: one line for ``contrastive-decoding list``.
+        kinds: the parameters whose values must be of one kind: ``"number"`` (int or float),
+            ``"int"``, ``"bool"``, with ``"?"`` appended where ``None`` is accepted too; the others
+            are only checked to hold finite numbers.
+        check: ``check(params)`` validates the values without a model (e.g. by building the
+            strategy object), raising ``ValueError``/``TypeError``; ``None``: no such check.
     """
 
     name: str
     factory: Callable[..., StrategyRun]
     defaults: Mapping[str, Any]
     description: str = ""
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    check: Callable[[Mapping[str, Any]], None] | None = None
 
     @classmethod
     def for_class(
@@ -116,7 +130,7 @@ class StrategyEntry:
             try:
                 strategy = strategy_class(**params)
             except (TypeError, ValueError) as exc:
-                raise EvalError(f"--strategy {name}: {exc}") from None
+                raise EvalError(_strategy_message(name, params, exc)) from None
             full = {**defaults, **params}
             if generate is not None:
                 # Only the parameters given go through; the callable's own defaults do the rest.
@@ -134,9 +148,48 @@ class StrategyEntry:
                 gen_kwargs = {"custom_generate": _bound_generate(strategy, tokenizer)}
             return StrategyRun(name, _jsonable(full), strategy, gen_kwargs, repetition_penalty)
 
+        def check(params: Mapping[str, Any]) -> None:
+            # The class validates its values in __init__, which needs no model: run it before one loads.
+            strategy_class(**params)
+
         return cls(
-            name, factory, defaults, description or (strategy_class.__doc__ or "").strip().split("\n")[0]
+            name,
+            factory,
+            defaults,
+            description or (strategy_class.__doc__ or "").strip().split("\n")[0],
+            kinds=_init_kinds(strategy_class),
+            check=check,
         )
+
+
+_NUMBER_TYPES = {"int", "float"}
+
+
+def _annotation_kind(annotation: Any) -> str | None:
+    """``"number"``, ``"int"`` or ``"bool"`` (``"?"`` appended when ``None`` is allowed) for an
+    annotation made of those types only, e.g. ``"float | None"``; ``None`` for anything else."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = set(re.findall(r"[A-Za-z_][\w.]*", text.replace("Optional", "None")))
+    nullable = "?" if "None" in names else ""
+    names.discard("None")
+    if names == {"bool"}:
+        return "bool" + nullable
+    if names == {"int"}:
+        return "int" + nullable
+    if names and names <= _NUMBER_TYPES:
+        return "number" + nullable
+    return None
+
+
+def _init_kinds(strategy_class: type) -> dict[str, str]:
+    out = {}
+    for pname, p in inspect.signature(strategy_class.__init__).parameters.items():
+        kind = _annotation_kind(p.annotation)
+        if pname != "self" and kind is not None:
+            out[pname] = kind
+    return out
 
 
 def _init_defaults(strategy_class: type) -> dict[str, Any]:
@@ -172,11 +225,13 @@ def _bound_generate(strategy, tokenizer=None) -> Callable[..., Any]:
     ):
         if extra:
             model_kwargs.pop("tokenizer", None)
+        # Last in the list, so it sees the scores the next token is chosen from.
+        checked = LogitsProcessorList([*(logits_processor or []), FiniteStepScores()])
         return contrast_generate(
             model,
             strategy,
             input_ids,
-            logits_processor,
+            checked,
             stopping_criteria,
             generation_config,
             synced_gpus=synced_gpus,
@@ -186,6 +241,31 @@ def _bound_generate(strategy, tokenizer=None) -> Callable[..., Any]:
         )
 
     return generate
+
+
+class FiniteStepScores(LogitsProcessor):
+    """Stop generation when a row's step scores hold NaN or +inf, or exclude every token.
+
+    ``-inf`` is how a strategy excludes implausible tokens while decoding, so it is allowed as
+    long as one token stays finite; ``argmax`` over a NaN row would silently pick token 0.
+
+    Raises:
+        NonFiniteScoreError: naming the batch rows (the runner maps them to item ids).
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        checks = {
+            "NaN": torch.isnan(scores).any(-1),
+            "+inf": torch.isposinf(scores).any(-1),
+            "-inf for every token": torch.isneginf(scores).all(-1),
+        }
+        bad = checks["NaN"] | checks["+inf"] | checks["-inf for every token"]
+        if bool(bad.any()):
+            found = " and ".join(name for name, rows in checks.items() if bool(rows.any()))
+            raise NonFiniteScoreError(
+                bad.nonzero().flatten().tolist(), f"{found} in its generation step scores"
+            )
+        return scores
 
 
 def _jsonable(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -311,6 +391,7 @@ register(
         _amateur_cd,
         _CD_DEFAULTS,
         "contrastive decoding (Li et al. 2023): contrast with a smaller amateur model (--param amateur=...)",
+        kinds={k: v for k, v in _init_kinds(ContrastiveDecoding).items() if k in _CD_DEFAULTS},
     )
 )
 
@@ -326,7 +407,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 def parse_params(pairs: list[str] | None) -> dict[str, Any]:
     """``["key=value", ...]`` into a dict; values are read as JSON where they parse
     (``0.1``, ``true``, ``[14, 16]``), comma-separated integers as a list (``14,16``), else as
-    strings.
+    strings. Values are checked against the strategy by :func:`check_strategy` (``NaN`` parses
+    here, as Python's JSON reads it, and is refused there with the parameter's name).
 
     Raises:
         EvalError: an item without ``=`` or with an empty key.
@@ -364,14 +446,79 @@ def resolve_name(name: str, params: Mapping[str, Any]) -> tuple[str, dict[str, A
     raise EvalError(f"--strategy {name!r} is unknown; valid: {valid}.")
 
 
+def _non_finite(value: Any) -> bool:
+    """Whether ``value`` is, or holds (in lists, tuples, dicts), a NaN or infinite float."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, Mapping):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _kind_error(value: Any, kind: str) -> str | None:
+    """Why ``value`` is not of ``kind`` (see :attr:`StrategyEntry.kinds`), or ``None``."""
+    if kind.endswith("?"):
+        if value is None:
+            return None
+        kind = kind[:-1]
+    if kind == "bool":
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(value, bool) or (kind == "int" and not isinstance(value, int)):
+        return "must be an integer" if kind == "int" else "must be a number"
+    if isinstance(value, (int, float)):
+        return None
+    if isinstance(value, str):
+        try:
+            text_is_non_finite = not math.isfinite(float(value))
+        except ValueError:
+            text_is_non_finite = False
+        if text_is_non_finite:
+            return "must be a finite number (NaN and infinities are refused)"
+    return "must be an integer" if kind == "int" else "must be a number"
+
+
+def check_values(base: str, params: Mapping[str, Any]) -> None:
+    """Check parameter values without a model: no NaN or infinity anywhere, numbers where the
+    strategy takes numbers, then the strategy's own checks (ranges, choices).
+
+    Raises:
+        EvalError: naming the parameter and its value.
+    """
+    entry = STRATEGIES[base]
+    for key, value in params.items():
+        if _non_finite(value):
+            what = "a finite number" if isinstance(value, float) else "finite numbers only"
+            raise EvalError(f"--param {key}={value!r}: must be {what} (NaN and infinities are refused).")
+        problem = _kind_error(value, entry.kinds[key]) if key in entry.kinds else None
+        if problem:
+            default = entry.defaults.get(key)
+            raise EvalError(f"--param {key}={value!r}: {problem} (default: {default!r}).")
+    if entry.check is not None:
+        try:
+            entry.check(params)
+        except (TypeError, ValueError) as exc:
+            raise EvalError(_strategy_message(base, params, exc)) from None
+
+
+def _strategy_message(base: str, params: Mapping[str, Any], exc: Exception) -> str:
+    """One line for a strategy's own error, naming the ``--param`` it is about where it says."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    named = next((k for k in params if f"`{k}`" in text), None)
+    where = f" --param {named}={params[named]!r}" if named is not None else ""
+    return f"--strategy {base}{where}: {text}"
+
+
 def check_strategy(name: str, params: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """Validate a strategy name and its parameter names (no model needed).
+    """Validate a strategy name, its parameter names and their values (no model needed).
 
     Returns:
         The registry name and the parameters (a preset's merged in).
 
     Raises:
-        EvalError: unknown name or parameter, listing the valid ones.
+        EvalError: unknown name or parameter (listing the valid ones), or a value that is not
+            finite, not of the parameter's kind, or out of the strategy's range.
     """
     base, full = resolve_name(name, params or {})
     entry = STRATEGIES[base]
@@ -381,7 +528,33 @@ def check_strategy(name: str, params: Mapping[str, Any] | None = None) -> tuple[
         raise EvalError(
             f"--param {', '.join(unknown)}: not a parameter of strategy {base!r}; valid: {valid}."
         )
+    check_values(base, full)
     return base, full
+
+
+def check_on_model(run: StrategyRun, model, tokenizer=None, given: Mapping[str, Any] | None = None) -> None:
+    """Resolve the strategy's layers, streams and amateur against ``model`` without running it.
+
+    Layer indices and fractions can only be checked against a model's depth (``dola_layers=[99]``
+    on a 32-layer model); :class:`~contrastive_decoding.sources.ContrastSources` resolves and
+    validates all of them before it attaches anything, so building one (and not entering it) is
+    the check.
+
+    Args:
+        run: the built strategy.
+        model: the loaded model.
+        tokenizer: its tokenizer (token classes of degraded streams, amateur prompts).
+        given: the parameters the user gave (to name the one an error is about).
+
+    Raises:
+        EvalError: naming the strategy (and the parameter, where the message says which).
+    """
+    if run.scoring is None:
+        return
+    try:
+        ContrastSources(model, run.scoring, tokenizer, positions="all")
+    except (TypeError, ValueError) as exc:
+        raise EvalError(_strategy_message(run.name, given or run.params, exc)) from None
 
 
 def build_strategy(model, name: str, params: Mapping[str, Any] | None = None, tokenizer=None) -> StrategyRun:
