@@ -149,6 +149,21 @@ def _tiny_model(vocab: int = 1024):
     return LlamaForCausalLM(_tiny_config(vocab)).eval()
 
 
+def _smollm2_shaped_model():
+    """Random weights in SmolLM2-135M-Instruct's exact shape (30 layers, 576 wide, 49152 tokens,
+    tied head): the same work per token, for machines without the embedded weights (the GGUF file
+    is too large to carry to a GPU machine that cannot reach a package index)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -576,8 +591,8 @@ def _prepare(args: argparse.Namespace, workdir: Path) -> tuple[Any, str, Path]:
     dtype = _dtype(args.dtype)
     tokenizer = None
     source = str(workdir / "model.pickle")
-    if args.tiny:
-        model = _tiny_model(args.vocab).to(dtype)
+    if args.tiny or args.model == "smollm2-shaped":
+        model = (_tiny_model(args.vocab) if args.tiny else _smollm2_shaped_model()).to(dtype)
         vocab = model.config.vocab_size
     else:
         from contrastive_decoding import DEFAULT_MODEL, load_model
@@ -645,7 +660,9 @@ def _table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--model", default="smollm2", help="'smollm2' (embedded), a Hub id, a folder or a .gguf"
+        "--model",
+        default="smollm2",
+        help="'smollm2' (embedded), 'smollm2-shaped' (random weights, its shape), a Hub id, folder or .gguf",
     )
     parser.add_argument("--tiny", action="store_true", help="a tiny random 8-layer llama (fast smoke test)")
     parser.add_argument(

@@ -187,3 +187,26 @@ def assert_restored_after_block(model, processor_class) -> None:
     assert_same_state(before, model_state(model))
     with pytest.raises(RuntimeError, match="detached"):
         proc(prompt_ids(), torch.zeros(1, model.config.vocab_size))
+
+
+# Devices the device-parametrised tests run on: the CPU always, CUDA where torch sees a GPU
+# (`bash scripts/gpu_check.sh` runs those tests on it).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+_ON_DEVICE: dict[tuple[int, str], torch.nn.Module] = {}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` itself on the CPU; elsewhere a copy of it moved there (kept for later tests)."""
+    if device == "cpu":
+        return model
+    key = (id(model), device)
+    if key not in _ON_DEVICE:
+        import copy
+
+        _ON_DEVICE[key] = copy.deepcopy(model).to(device)
+    return _ON_DEVICE[key]
