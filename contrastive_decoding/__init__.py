@@ -9,6 +9,7 @@ from .capture import LayerCapture
 from .context_entropy import ContextEntropy, EntropySource
 from .divergence import layer_divergence
 from .generation import contrast_generate, dola_generate, strategy_generate
+from .layer_map import LayerMap, layer_map, plot_layer_map
 from .loading import DEFAULT_MODEL, embedded_model_file, load_model
 from .plausibility import plausible_mask
 from .processor import ContrastLogitsProcessor, LayerContrastLogitsProcessor, StreamContrastLogitsProcessor
@@ -90,6 +91,9 @@ __all__ = [
     "dola_generate",
     "embedded_model_file",
     "layer_divergence",
+    "LayerMap",
+    "layer_map",
+    "plot_layer_map",
     "load_model",
     "plausible_mask",
     "score_continuations",

@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument(
         "runs", nargs="+", help="generation run folders (unfinished runs are left out, with a note)"
     )
+    _add_research_parsers(sub)
     sub.add_parser("list", help="benchmarks, strategies and presets")
     return parser
 
@@ -124,7 +125,9 @@ def _cmd_eval(args) -> int:
     from .strategies import parse_params
     from .summary import markdown_table
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise EvalError(f"--threads {args.threads}: must be a positive integer (CPU threads for torch).")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -239,6 +242,163 @@ def _cmd_list(args) -> int:
     return 0
 
 
+def _add_research_parsers(sub) -> None:
+    """``inspect``, ``tune`` and ``analyze``: the research tools (see the README's "Research tools")."""
+    ins = sub.add_parser(
+        "inspect", help="layer map of a text: each layer's top token, divergence, DoLa's layer choice"
+    )
+    ins.add_argument("--model", "-m", default="smollm2", help="'smollm2' (embedded), Hub id, folder or .gguf")
+    ins.add_argument("--text", "-t", required=True, help="the text to read, e.g. a question and its answer")
+    ins.add_argument(
+        "--prompt-len", type=int, default=0, help="leading tokens whose own predictions are not shown"
+    )
+    ins.add_argument("--layers", default=None, help="early-exit layers to show: 0,2,4 or 10-29 (default all)")
+    ins.add_argument("--dola-layers", default="high", help="DoLa bucket: high, low, 15, 0,2,4")
+    ins.add_argument("--divergence", default="reference", help="reference (DoLa's code) or jsd (textbook)")
+    ins.add_argument("--final-norm", action="store_true", help="apply the final norm to early exits")
+    ins.add_argument("--dtype", default="float32", help="torch dtype, e.g. float32, bfloat16")
+    ins.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:0', ...")
+    ins.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ins.add_argument("--out", "-o", required=True, help="folder for layer_map.json/.csv and the PNG heatmaps")
+
+    tu = sub.add_parser("tune", help="cross-validated choice of strategy settings over a grid")
+    tu.add_argument("--benchmark", "-b", required=True, help="benchmark name (see `list`)")
+    tu.add_argument("--strategy", "-s", required=True, help="strategy or preset of the grid's parameters")
+    tu.add_argument(
+        "--grid", required=True, help='e.g. "dola_layers=low,high,[0,2,4];relative_top=0.1,0.05" '
+    )
+    tu.add_argument("--folds", type=int, default=2, help="number of folds (>= 2; default 2)")
+    tu.add_argument("--seed", type=int, default=0, help="seed of the folds and of the bootstrap")
+    tu.add_argument("--metric", default=None, help="metric to select on (default: the benchmark's first)")
+    tu.add_argument("--baseline", default="baseline", help="strategy of the paired reference run")
+    tu.add_argument(
+        "--reuse", action="append", default=[], metavar="RUN", help="finished run that may seed a cell"
+    )
+    tu.add_argument("--report", default="tune", help="stem of the report files in --out (default tune)")
+    tu.add_argument("--out", "-o", required=True, help="tuning folder: cells/<cell>/, baseline/, reports")
+    tu.add_argument("--model", "-m", default="smollm2", help="'smollm2' (embedded), Hub id, folder or .gguf")
+    tu.add_argument("--dtype", default="float32", help="torch dtype")
+    tu.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda:0', ...")
+    tu.add_argument("--device-map", default=None, help="from_pretrained device_map")
+    tu.add_argument("--protocol", default=None, help="MC scoring for every cell: paper | normalized")
+    tu.add_argument("--limit", type=int, default=None, help="only the first N items")
+    tu.add_argument("--data", default=None, help="data file, or 'hub'")
+    tu.add_argument("--data-dir", default=None, help="folder laid out like ../shared/data")
+    tu.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    tu.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    lb = sub.add_parser("analyze", help="length bias of finished multiple-choice runs")
+    lb.add_argument("runs", nargs="+", help="finished multiple-choice run folders")
+    lb.add_argument("--limit", type=int, default=None, help="only the first N items the runs share")
+    lb.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def _set_threads(threads) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise EvalError(f"--threads {threads}: must be a positive integer (CPU threads for torch).")
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _layer_list(text: str | None, option: str) -> list[int] | str | int | None:
+    """``0,2,4`` / ``10-29`` / ``high`` into layer indices (or the bucket name)."""
+    if text is None:
+        return None
+    if text in ("high", "low"):
+        return text
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            a, sep, b = part.strip().partition("-")
+            layers += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise EvalError(f"{option} {text!r}: write layer indices as 0,2,4 or a range 10-29.") from None
+    return layers
+
+
+def _cmd_inspect(args) -> int:
+    from contrastive_decoding import layer_map, load_model
+
+    _set_threads(args.threads)
+    layers = _layer_list(args.layers, "--layers")
+    if isinstance(layers, str):
+        raise EvalError(f"--layers {layers}: give indices (0,2,4 or 10-29); a bucket goes to --dola-layers.")
+    bucket = _layer_list(args.dola_layers, "--dola-layers")
+    if isinstance(bucket, list) and len(bucket) == 1:
+        bucket = bucket[0]
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EvalError(f"--model {args.model}: cannot load it ({first[:300]}).") from None
+    try:
+        result = layer_map(
+            model,
+            tokenizer,
+            args.text,
+            prompt_len=args.prompt_len,
+            layers=layers,
+            dola_layers=bucket,
+            divergence=args.divergence,
+            final_norm=args.final_norm,
+        )
+    except ValueError as exc:
+        message = str(exc)
+        for name, option in (("`prompt_len`", "--prompt-len"), ("`layers`", "--layers"),
+                             ("`dola_layers`", "--dola-layers"), ("`divergence`", "--divergence"),
+                             ("`text`", "--text")):
+            message = message.replace(name, option)
+        raise EvalError(message) from None
+    for kind, path in result.write(args.out).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .tune import TuneConfig, run_tune, tune_markdown
+
+    _set_threads(args.threads)
+    cfg = TuneConfig(
+        benchmark=args.benchmark,
+        strategy=args.strategy,
+        grid=args.grid,
+        out=args.out,
+        folds=args.folds,
+        seed=args.seed,
+        metric=args.metric,
+        baseline=args.baseline,
+        reuse=args.reuse,
+        report=args.report,
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        protocol=args.protocol,
+        limit=args.limit,
+        data=args.data,
+        data_dir=args.data_dir,
+        bootstrap=args.bootstrap,
+        progress=not args.no_progress,
+    )
+    report = run_tune(cfg)
+    print(tune_markdown(report), end="")
+    print(f"report: {Path(args.out) / (args.report + '.json')}")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    from .length_bias import analyze_runs, length_bias_table
+
+    rows = analyze_runs(args.runs, limit=args.limit)
+    print(length_bias_table(rows), end="")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 _COMMANDS = {
     "eval": _cmd_eval,
     "compare": _cmd_compare,
@@ -246,11 +406,19 @@ _COMMANDS = {
     "table": _cmd_table,
     "answers": _cmd_answers,
     "list": _cmd_list,
+    "inspect": _cmd_inspect,
+    "tune": _cmd_tune,
+    "analyze": _cmd_analyze,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "lm-eval":  # every later argument goes to lm-eval's own CLI, unchanged
+        from contrastive_decoding.lm_eval import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:  # weight-loading bars are noise next to the run's own progress bar
         from transformers.utils import logging as hf_logging
