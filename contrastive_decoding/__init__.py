@@ -25,6 +25,7 @@ from .strategies.base import (
     ContrastOutput,
     ContrastStrategy,
     LayerContrastStrategy,
+    RelativeFloor,
     StreamContrastStrategy,
 )
 from .strategies.compose import WeightedContrast
@@ -55,6 +56,7 @@ __all__ = [
     "ContrastLogitsProcessor",
     "ContrastSources",
     "ContrastStrategy",
+    "RelativeFloor",
     "AttentionSuppression",
     "AutoContrastive",
     "AutoContrastiveLogitsProcessor",

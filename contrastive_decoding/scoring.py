@@ -9,6 +9,7 @@ captured by hooks in the same passes.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import nullcontext
@@ -23,7 +24,14 @@ from .context_entropy import ContextEntropy
 from .padding import pad_rows
 from .prompt_cache import PromptCache
 from .sources import ContrastSources
-from .strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastStrategy, ScoringProtocol
+from .strategies.base import (
+    SCORING_PROTOCOLS,
+    ContrastInputs,
+    ContrastStrategy,
+    Floor,
+    RelativeFloor,
+    ScoringProtocol,
+)
 from .validation import (
     check_flag,
     check_int,
@@ -46,6 +54,9 @@ class ContinuationScore:
         token_scores: the score of each continuation token, ``(tokens,)`` float32.
         token_ids: the continuation's token ids.
         premature_layers: the premature layer used for each token (``None`` for plain scoring).
+        below_floor: under ``"normalized"`` with a fixed floor, how many of its tokens are plausible
+            yet score below the floor given to implausible ones (the scale problem that
+            :class:`~contrastive_decoding.RelativeFloor` avoids); a warning says so when any does.
     """
 
     continuation: str
@@ -53,6 +64,7 @@ class ContinuationScore:
     token_scores: torch.Tensor
     token_ids: list[int]
     premature_layers: list[int] | None = None
+    below_floor: int = 0
 
 
 def _tokenize(tokenizer, prompt: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
@@ -79,7 +91,7 @@ def _check_inputs(
     continuations: Sequence[str],
     protocol: str,
     batch_size: int | None,
-    floor: float,
+    floor: Floor,
     positions_per_chunk: int,
     share_prefix: bool,
 ) -> None:
@@ -107,7 +119,9 @@ def _check_inputs(
     if protocol not in SCORING_PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {SCORING_PROTOCOLS}, got {protocol!r}.")
     check_int("batch_size", batch_size, 1, allow_none=True, hint="continuations per forward pass")
-    check_number("floor", floor, hint="the score of implausible tokens under 'normalized'; e.g. -1000")
+    if not isinstance(floor, RelativeFloor):
+        hint = "the score of implausible tokens under 'normalized'; -1000 or RelativeFloor()"
+        check_number("floor", floor, hint=hint)
     check_int("positions_per_chunk", positions_per_chunk, 1, hint="scored positions per head product")
     check_flag("share_prefix", share_prefix)
 
@@ -145,7 +159,7 @@ def score_continuations(
     strategy: ContrastStrategy | None = None,
     protocol: ScoringProtocol = "paper",
     batch_size: int | None = None,
-    floor: float = -1000.0,
+    floor: Floor = -1000.0,
     positions_per_chunk: int = 64,
     share_prefix: bool = True,
     prompt_cache: PromptCache | None = None,
@@ -277,10 +291,32 @@ def score_continuations(
                         token_scores=piece,
                         token_ids=cont,
                         premature_layers=used,
+                        below_floor=_below_floor(piece, strategy, protocol, floor),
                     )
                 )
                 offset += n
+    _warn_below_floor(results, strategy, floor)
     return results
+
+
+def _below_floor(piece: torch.Tensor, strategy, protocol: str, floor) -> int:
+    """Tokens scoring below a fixed floor: an implausible token scores the floor exactly, so these
+    are plausible tokens that implausible ones now outrank."""
+    if strategy is None or protocol != "normalized" or isinstance(floor, RelativeFloor):
+        return 0
+    return int((piece < floor).sum())
+
+
+def _warn_below_floor(results: list[ContinuationScore], strategy, floor) -> None:
+    count = sum(r.below_floor for r in results)
+    if count:
+        warnings.warn(
+            f"{count} plausible token(s) scored below the floor ({floor}) that {type(strategy).__name__} "
+            "gives implausible tokens under protocol='normalized', so implausible tokens outrank them "
+            "(early exits far larger than the model's output, e.g. without the final norm). Use "
+            "floor=RelativeFloor() (harness: --floor relative), or final_norm=True.",
+            stacklevel=3,
+        )
 
 
 def _probe(sources: ContrastSources | None, keep: slice) -> dict:
@@ -403,7 +439,7 @@ def _contrast_scores(
     pos_t: torch.Tensor,
     target_t: torch.Tensor,
     protocol: ScoringProtocol,
-    floor: float,
+    floor: Floor,
     positions_per_chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     states, streams = probe.get("states"), probe.get("streams")

@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="strategy parameter (repeatable)",
     )
     ev.add_argument("--protocol", default=None, help="MC scoring convention: paper | normalized")
+    ev.add_argument(
+        "--floor",
+        default="fixed",
+        choices=("fixed", "relative"),
+        help="normalized protocol: implausible tokens score -1000 (fixed, DoLa's) or 1000 below the "
+        "position's lowest plausible score (relative)",
+    )
     ev.add_argument("--limit", type=int, default=None, help="only the first N items")
     ev.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="run shard I of N (0-based)")
     ev.add_argument(
@@ -141,6 +148,7 @@ def _cmd_eval(args) -> int:
         strategy=args.strategy,
         params=parse_params(args.param),
         protocol=args.protocol,
+        floor=args.floor,
         limit=args.limit,
         shard=args.shard,
         batch_size=args.batch_size,
@@ -162,6 +170,14 @@ def _cmd_eval(args) -> int:
         )
         return 0
     print(markdown_table([result.summary]), end="")
+    below = result.summary.get("below_floor")
+    if below:
+        print(
+            f"warning: in {below['items']} item(s), {below['tokens']} plausible answer token(s) scored "
+            "below the -1000 floor of implausible ones, so implausible tokens outranked them; rerun with "
+            "--floor relative (into another --out) to compare.",
+            file=sys.stderr,
+        )
     print(f"summary: {result.out / 'summary.json'}")
     return 0
 

@@ -68,6 +68,9 @@ class RunConfig:
         params: strategy parameters.
         protocol: scoring convention for multiple-choice benchmarks (``"paper"`` or
             ``"normalized"``; default: the benchmark's).
+        floor: under ``"normalized"``, the score of implausible tokens: ``"fixed"`` (DoLa's -1000)
+            or ``"relative"`` (1000 below the position's lowest plausible score, see
+            :class:`~contrastive_decoding.RelativeFloor`; labelled in the results).
         limit: run only the first ``limit`` items.
         shard: ``(index, count)`` to run one shard of the items.
         batch_size: prompts per generation batch (default: the benchmark's).
@@ -92,6 +95,7 @@ class RunConfig:
     strategy: str = "baseline"
     params: dict[str, Any] = field(default_factory=dict)
     protocol: str | None = None
+    floor: str = "fixed"
     limit: int | None = None
     shard: tuple[int, int] | None = None
     batch_size: int | None = None
@@ -140,6 +144,13 @@ def _check_config(cfg: RunConfig, benchmark: Benchmark) -> None:
             )
         if cfg.protocol not in SCORING_PROTOCOLS:
             raise EvalError(f"--protocol {cfg.protocol!r} is unknown; valid: {', '.join(SCORING_PROTOCOLS)}.")
+    if cfg.floor not in ("fixed", "relative"):
+        raise EvalError(f"--floor {cfg.floor!r} is unknown; valid: fixed (DoLa's -1000), relative.")
+    if cfg.floor == "relative" and (cfg.protocol or benchmark.default_protocol) != "normalized":
+        raise EvalError(
+            "--floor relative applies to --protocol normalized (the floor is the score of implausible "
+            f"tokens there); {benchmark.name} scores with {cfg.protocol or benchmark.default_protocol}."
+        )
     if (cfg.judge or cfg.judge_info) and not benchmark.name.startswith("tfqa-gen"):
         raise EvalError(
             f"--judge applies to TruthfulQA generation (tfqa-gen, tfqa-gen-lmeval), not {benchmark.name}."
@@ -270,7 +281,16 @@ def _scoring_label(cfg: RunConfig, benchmark: Benchmark, strategy: StrategyRun) 
         return None
     if strategy.scoring is None:
         return "loglik"  # the plain model: --protocol has no effect
-    return cfg.protocol or benchmark.default_protocol
+    protocol = cfg.protocol or benchmark.default_protocol
+    # Only a relative floor is named, so that runs made before it existed keep their label.
+    relative = protocol == "normalized" and cfg.floor == "relative"
+    return f"{protocol} (relative floor)" if relative else protocol
+
+
+def _floor(cfg: RunConfig):
+    from contrastive_decoding import RelativeFloor
+
+    return RelativeFloor() if cfg.floor == "relative" else -1000.0
 
 
 def _generation_settings(cfg: RunConfig, benchmark: Benchmark, strategy: StrategyRun) -> dict | None:
@@ -499,9 +519,8 @@ def _run_locked(
         model,
         tokenizer,
         strategy,
-        protocol=identity["scoring_protocol"]
-        if identity["scoring_protocol"] in SCORING_PROTOCOLS
-        else "paper",
+        protocol=cfg.protocol or benchmark.default_protocol or "paper",
+        floor=_floor(cfg),
         max_new_tokens=gen["max_new_tokens"] if gen else None,
         repetition_penalty=gen["repetition_penalty"] if gen else None,
         judge=judge,
@@ -553,11 +572,15 @@ def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank, strategy=
     with RecordWriter(path) as writer:
         for batch in todo:
             start = time.perf_counter()
+            below_floor = ctx.below_floor
             records = _evaluate_checked(benchmark, ctx, batch, strategy)
             seconds = (time.perf_counter() - start) / len(batch)
+            below_floor = ctx.below_floor - below_floor
             for record in records:
                 if record["id"] in done:
                     continue  # recorded before an interruption; the batch was recomputed whole
+                if below_floor and len(records) == 1:  # scoring runs one item per batch
+                    record["below_floor"] = below_floor
                 record["seconds"] = seconds
                 writer.write(record)
                 done[record["id"]] = record

@@ -106,6 +106,7 @@ def build_summary(
         for layer, count in (r.get("premature_layers") or {}).items():
             layers[int(layer)] += int(count)
     seconds = sum(float(r.get("seconds", 0.0)) for r in ordered)
+    below = [r for r in ordered if r.get("below_floor")]
     return {
         "complete": True,
         "benchmark": benchmark.name,
@@ -117,6 +118,11 @@ def build_summary(
         "metrics": metrics,
         "bootstrap": {"resamples": resamples, "seed": seed, "confidence": 0.95, "method": "percentile"},
         "premature_layers": {str(k): v for k, v in sorted(layers.items())} or None,
+        # Plausible answer tokens that scored below the fixed floor of implausible ones
+        # (protocol normalized): the scale problem that --floor relative avoids.
+        "below_floor": {"tokens": sum(int(r["below_floor"]) for r in below), "items": len(below)}
+        if below
+        else None,
         "wall_time_s": seconds,
         "seconds_per_item": seconds / len(ordered) if ordered else None,
         "versions": library_versions(),

@@ -23,6 +23,7 @@ from ..readout import LayerReadout, check_layer_indices
 from ..validation import check_flag
 from .base import (
     ContrastOutput,
+    Floor,
     LayerContrastStrategy,
     ScoringProtocol,
     check_vocabulary,
@@ -130,7 +131,7 @@ class AutoContrastive(LayerContrastStrategy):
         layer_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         # p is a distribution over the whole vocabulary: both protocols give log p(target).
         log_p = self.log_probs(final_logits, layer_logits)

@@ -37,7 +37,9 @@ __all__ = [
     "ContrastInputs",
     "ContrastOutput",
     "ContrastStrategy",
+    "Floor",
     "LayerContrastStrategy",
+    "RelativeFloor",
     "ScoringProtocol",
     "SCORING_PROTOCOLS",
     "StreamContrastStrategy",
@@ -206,12 +208,59 @@ _DECLARE = {
 }
 
 
+@dataclass(frozen=True)
+class RelativeFloor:
+    """A floor for implausible tokens set per scored position: ``margin`` below the lowest score of
+    that position's plausible tokens.
+
+    DoLa's fixed floor (``-1000``) assumes plausible tokens score far above it. When early exits
+    are huge (no final norm, a residual stream of 1e5), the normalized contrast of plausible tokens
+    can itself sit near ``-3e4``: a fixed floor then ranks implausible tokens *above* plausible
+    ones, and answers with more implausible tokens win. A relative floor cannot invert that order.
+    Pass it wherever a ``floor`` is taken (``score_continuations(..., floor=RelativeFloor())``, the
+    harness's ``--floor relative``).
+
+    Args:
+        margin: how far below the lowest plausible score implausible tokens go (finite, > 0).
+
+    Example:
+        >>> import torch
+        >>> from contrastive_decoding import RelativeFloor
+        >>> scores = torch.tensor([[-5.0e4, -4.0e4, 0.0]])
+        >>> keep = torch.tensor([[True, True, False]])
+        >>> RelativeFloor(1000.0).values(scores, keep)
+        tensor([[-51000.]])
+    """
+
+    margin: float = 1000.0
+
+    def __post_init__(self) -> None:
+        margin = self.margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin < float("inf"):
+            raise ValueError(f"`margin` must be a finite number > 0 (e.g. 1000.0), got {margin!r}.")
+
+    def values(self, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The floor of each row, ``(P, 1)``: its lowest plausible score minus ``margin``."""
+        lowest = torch.where(keep, scores, torch.inf).amin(-1, keepdim=True)
+        return lowest - self.margin
+
+
+Floor = float | RelativeFloor
+
+
+def floored(scores: torch.Tensor, keep: torch.Tensor, floor: Floor) -> torch.Tensor:
+    """``scores`` with the tokens outside ``keep`` set to ``floor`` (a number, or per row for a
+    :class:`RelativeFloor`)."""
+    value = floor.values(scores, keep) if isinstance(floor, RelativeFloor) else floor
+    return torch.where(keep, scores, value)
+
+
 def protocol_token_scores(
     contrast: torch.Tensor,
     plausible: Callable[[], torch.Tensor | None],
     targets: torch.Tensor,
     protocol: ScoringProtocol,
-    floor: float,
+    floor: Floor,
 ) -> torch.Tensor:
     """The targets' scores under a scoring protocol, for strategies' ``score_tokens``.
 
@@ -222,7 +271,7 @@ def protocol_token_scores(
         targets: target ids, ``(P,)``.
         protocol: ``"paper"`` keeps the raw contrast; ``"normalized"`` log-softmaxes it and gives
             implausible tokens ``floor``.
-        floor: the finite score of implausible tokens.
+        floor: the finite score of implausible tokens, or a :class:`RelativeFloor`.
     """
     if protocol not in SCORING_PROTOCOLS:
         raise ValueError(f"`protocol` must be one of {SCORING_PROTOCOLS}, got {protocol!r}.")
@@ -230,7 +279,7 @@ def protocol_token_scores(
         contrast = F.log_softmax(contrast, dim=-1)
         keep = plausible()
         if keep is not None:
-            contrast = torch.where(keep, contrast, floor)
+            contrast = floored(contrast, keep, floor)
     return contrast.gather(-1, targets[:, None]).squeeze(-1)
 
 
@@ -324,7 +373,7 @@ class ContrastStrategy:
         inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         """Scores of given targets ``(P,)`` at the scored positions (see ``score_continuations``)."""
         raw = self.combine(inputs)
@@ -349,7 +398,7 @@ class LayerContrastStrategy(ContrastStrategy, ABC):
         inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         return self.score_tokens(inputs.final, inputs.layers, targets, protocol, floor)
 
@@ -381,7 +430,7 @@ class LayerContrastStrategy(ContrastStrategy, ABC):
         layer_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol,
-        floor: float,
+        floor: Floor,
     ) -> ContrastOutput:
         """Contrasted log-scores of given target tokens (teacher forcing).
 
@@ -415,7 +464,7 @@ class StreamContrastStrategy(ContrastStrategy, ABC):
         inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         return self.score_tokens(inputs.final, inputs.streams, targets, protocol, floor)
 
@@ -443,6 +492,6 @@ class StreamContrastStrategy(ContrastStrategy, ABC):
         stream_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol,
-        floor: float,
+        floor: Floor,
     ) -> ContrastOutput:
         """Contrasted log-scores of given target tokens; ``stream_logits`` is ``(S, P, V)``."""

@@ -10,32 +10,54 @@ part scores with its own rule (including its own plausibility filter) and the re
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from ..readout import LayerReadout
 from ..suppression import SuppressionRule
 from ..validation import check_number
-from .base import ContrastInputs, ContrastOutput, ContrastStrategy, ScoringProtocol
+from .base import ContrastInputs, ContrastOutput, ContrastStrategy, Floor, ScoringProtocol, floored
 
-__all__ = ["WeightedContrast"]
+__all__ = ["SCALES", "WeightedContrast"]
+
+SCALES = ("raw", "log_softmax")
 
 
 class WeightedContrast(ContrastStrategy):
     """A weighted sum of strategies' scores, in generation and in scoring.
 
+    Parts' raw scores can live on very different scales: DoLa's contrast of uncalibrated early exits
+    runs to about 1e4 per token on small models, ICD's to below 1, so
+    ``WeightedContrast([(1, DoLa("high")), (0.5, InducedContrast())])`` with raw scores decodes
+    exactly DoLa's tokens. ``scale="log_softmax"`` puts every part on one scale first: each part's
+    decoding scores (its own plausibility filter applied) are log-softmaxed over the vocabulary,
+    then weighted. In scoring a part then gives a target its log-softmaxed score, or ``floor`` where
+    the part rules the target out, under either protocol (the part is already normalized).
+
     Args:
         parts: ``(weight, strategy)`` pairs, or strategies (weight 1). Weights must be positive
             finite numbers.
+        scale: ``"raw"`` (default: each part's own scores, as before) or ``"log_softmax"``.
 
     Example:
-        >>> from contrastive_decoding import DoLa, VistaLogits, WeightedContrast
+        >>> from contrastive_decoding import DoLa, InducedContrast, VistaLogits, WeightedContrast
         >>> both = WeightedContrast([(1.0, DoLa("high")), (0.5, VistaLogits())])
         >>> [w for w, _ in both.parts]
         [1.0, 0.5]
+        >>> WeightedContrast([(1.0, DoLa("high")), (0.5, InducedContrast())], scale="log_softmax").scale
+        'log_softmax'
     """
 
-    def __init__(self, parts: Sequence[tuple[float, ContrastStrategy] | ContrastStrategy]) -> None:
+    def __init__(
+        self,
+        parts: Sequence[tuple[float, ContrastStrategy] | ContrastStrategy],
+        scale: Literal["raw", "log_softmax"] = "raw",
+    ) -> None:
+        if scale not in SCALES:
+            raise ValueError(f"`scale` must be one of {SCALES}, got {scale!r}.")
+        self.scale = scale
         if isinstance(parts, ContrastStrategy) or not isinstance(parts, Sequence) or not parts:
             raise ValueError("`parts` must be a non-empty list of strategies or (weight, strategy) pairs.")
         checked = []
@@ -72,7 +94,8 @@ class WeightedContrast(ContrastStrategy):
         self._plans: dict[int, tuple] = {}
 
     def __repr__(self) -> str:
-        return "WeightedContrast([" + ", ".join(f"({w}, {s!r})" for w, s in self.parts) + "])"
+        scale = "" if self.scale == "raw" else f", scale={self.scale!r}"
+        return "WeightedContrast([" + ", ".join(f"({w}, {s!r})" for w, s in self.parts) + f"]{scale})"
 
     def _plan(self, readout: LayerReadout) -> tuple:
         """The union of the parts' layers and streams, and where each part's own sit in it."""
@@ -134,10 +157,14 @@ class WeightedContrast(ContrastStrategy):
             for (_, strategy), where in zip(self.parts, index, strict=True)
         ]
 
+    def _step_scores(self, strategy: ContrastStrategy, view: ContrastInputs) -> torch.Tensor:
+        scores = strategy.step(view).scores
+        return F.log_softmax(scores, dim=-1) if self.scale == "log_softmax" else scores
+
     def step(self, inputs: ContrastInputs) -> ContrastOutput:
         total = None
         for (weight, strategy), view in zip(self.parts, self._views(inputs), strict=True):
-            scores = weight * strategy.step(view).scores
+            scores = weight * self._step_scores(strategy, view)
             total = scores if total is None else total + scores
         return ContrastOutput(total)
 
@@ -146,11 +173,16 @@ class WeightedContrast(ContrastStrategy):
         inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         total = None
         for (weight, strategy), view in zip(self.parts, self._views(inputs), strict=True):
-            scores = weight * strategy.score(view, targets, protocol, floor).scores
+            if self.scale == "log_softmax":
+                log_p = self._step_scores(strategy, view)
+                part = floored(log_p, log_p > -torch.inf, floor).gather(-1, targets[:, None]).squeeze(-1)
+            else:
+                part = strategy.score(view, targets, protocol, floor).scores
+            scores = weight * part
             total = scores if total is None else total + scores
         return ContrastOutput(total)
 

@@ -33,7 +33,14 @@ from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import resolve_layers
 from ..validation import check_flag, check_int, check_number
-from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
+from .base import (
+    ContrastOutput,
+    Floor,
+    LayerContrastStrategy,
+    ScoringProtocol,
+    floored,
+    protocol_token_scores,
+)
 
 __all__ = ["DeCo", "DeCoLogitsProcessor", "DECO_LATE_LAYERS", "deco_logits"]
 
@@ -175,13 +182,13 @@ class DeCo(LayerContrastStrategy):
         layer_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         logits, candidates, chosen = self.correct(final_logits, layer_logits)
         if protocol == "paper":
             # The distribution DeCo decodes from: log_softmax over C, the floor outside it.
             log_p = F.log_softmax(torch.where(candidates, logits, -torch.inf), dim=-1)
-            scores = torch.where(candidates, log_p, floor).gather(-1, targets[:, None]).squeeze(-1)
+            scores = floored(log_p, candidates, floor).gather(-1, targets[:, None]).squeeze(-1)
             return ContrastOutput(scores, chosen)
         scores = protocol_token_scores(logits, lambda: candidates, targets, protocol, floor)
         return ContrastOutput(scores, chosen)

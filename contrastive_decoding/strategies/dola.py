@@ -25,6 +25,7 @@ from ..readout import LayerReadout, check_layer_indices
 from ..validation import check_flag
 from .base import (
     ContrastOutput,
+    Floor,
     LayerContrastStrategy,
     ScoringProtocol,
     check_vocabulary,
@@ -189,7 +190,7 @@ class DoLa(LayerContrastStrategy):
         layer_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         index, final_lp, base_lp = self._choose(final_logits, layer_logits)
         # "normalized" is DoLa's FACTOR scoring: renormalise the contrast, floor implausible tokens.

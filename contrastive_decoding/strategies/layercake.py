@@ -24,7 +24,7 @@ from ..processor import StreamContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import QUERY_ROWS, SUPPRESSION_MODES, LayerSpec, SuppressionRule, resolve_layers
 from ..validation import check_number
-from .base import ContrastOutput, ScoringProtocol, StreamContrastStrategy, protocol_token_scores
+from .base import ContrastOutput, Floor, ScoringProtocol, StreamContrastStrategy, protocol_token_scores
 
 __all__ = ["LayerCake", "LayerCakeLogitsProcessor", "layercake_generate", "AMATEURS"]
 
@@ -170,7 +170,7 @@ class LayerCake(StreamContrastStrategy):
         stream_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         final_lp, scores = self._log_ratio(final_logits, stream_logits)
         return ContrastOutput(

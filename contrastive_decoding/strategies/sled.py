@@ -41,7 +41,7 @@ from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import resolve_layers
 from ..validation import check_flag, check_int, check_number
-from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
+from .base import ContrastOutput, Floor, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
 
 __all__ = ["SLED", "SLEDLogitsProcessor", "sled_evolve", "sled_latent"]
 
@@ -212,7 +212,7 @@ class SLED(LayerContrastStrategy):
         layer_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         evolved, mask = self.evolve(final_logits, layer_logits)
         if protocol == "paper" and self.post_softmax:

@@ -18,7 +18,7 @@ from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout
 from ..suppression import resolve_layers
 from ..validation import check_flag, check_number
-from .base import ContrastOutput, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
+from .base import ContrastOutput, Floor, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
 
 __all__ = ["VistaLogits", "VistaLogitsProcessor", "VISTA_LATE_LAYERS"]
 
@@ -112,7 +112,7 @@ class VistaLogits(LayerContrastStrategy):
         layer_logits: torch.Tensor,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
-        floor: float = -1000.0,
+        floor: Floor = -1000.0,
     ) -> ContrastOutput:
         log_probs = F.log_softmax(self.mix(final_logits, layer_logits), dim=-1)
         # No plausibility set: both protocols give log_softmax(mixed) at the target.

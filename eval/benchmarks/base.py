@@ -46,7 +46,11 @@ class EvalContext:
         max_new_tokens: generation budget (the benchmark's default unless overridden).
         repetition_penalty: generation repetition penalty (``None``: the strategy's default).
         judge: an optional judge (TruthfulQA generation).
-        floor: score of implausible tokens under ``"normalized"``.
+        floor: score of implausible tokens under ``"normalized"`` (a number, or a
+            :class:`~contrastive_decoding.RelativeFloor`).
+        below_floor: plausible tokens scored below a fixed floor so far (see
+            :attr:`~contrastive_decoding.ContinuationScore.below_floor`); the runner records each
+            item's count.
     """
 
     model: Any
@@ -56,8 +60,9 @@ class EvalContext:
     max_new_tokens: int | None = None
     repetition_penalty: float | None = None
     judge: Any | None = None
-    floor: float = -1000.0
+    floor: Any = -1000.0
     prompt_caches: dict[str, PromptCache] = field(default_factory=dict)
+    below_floor: int = 0
 
     def score(
         self, prompt: str, continuations: Sequence[str], primer: str | None = None
@@ -67,7 +72,7 @@ class EvalContext:
         ``primer``: the few-shot text every prompt of the benchmark starts with; its KV cache is
         computed once per run (see :class:`~contrastive_decoding.PromptCache`).
         """
-        return score_continuations(
+        scores = score_continuations(
             self.model,
             self.tokenizer,
             self._refocused(prompt),
@@ -77,6 +82,8 @@ class EvalContext:
             floor=self.floor,
             prompt_cache=self._prompt_cache(primer),
         )
+        self.below_floor += sum(s.below_floor for s in scores)
+        return scores
 
     def _prompt_cache(self, primer: str | None) -> PromptCache | None:
         if primer is None:
