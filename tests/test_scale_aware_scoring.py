@@ -140,22 +140,42 @@ def _first_step_scores(strategy) -> torch.Tensor:
     return out.scores[0]
 
 
-def test_weighted_contrast_on_one_scale_is_the_weighted_sum_of_log_softmaxed_parts():
+def _z_by_hand(row: torch.Tensor) -> torch.Tensor:
+    """z-scores of one row's finite entries, in float64, one entry at a time."""
+    out = torch.full_like(row, -torch.inf)
+    kept = [i for i in range(row.numel()) if row[i] > -torch.inf]
+    values = [float(row[i]) for i in kept]
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    for i, v in zip(kept, values, strict=True):
+        out[i] = (v - mean) / std if std > 0 else 0.0
+    return out
+
+
+def _rescaled(scores: torch.Tensor, scale: str) -> torch.Tensor:
+    if scale == "log_softmax":
+        return F.log_softmax(scores, dim=-1)
+    return torch.stack([_z_by_hand(row) for row in scores])
+
+
+@pytest.mark.parametrize("scale", ["log_softmax", "standardize"])
+def test_weighted_contrast_on_one_scale_is_the_weighted_sum_of_rescaled_parts(scale):
     parts = [(1.0, DoLa("high")), (0.5, InducedContrast())]
-    composite = _first_step_scores(WeightedContrast(parts, scale="log_softmax"))
-    expected = sum(w * F.log_softmax(_first_step_scores(s), dim=-1) for w, s in parts)
-    torch.testing.assert_close(composite, expected, rtol=1e-5, atol=1e-5)
+    composite = _first_step_scores(WeightedContrast(parts, scale=scale))
+    expected = sum(w * _rescaled(_first_step_scores(s), scale) for w, s in parts)
+    torch.testing.assert_close(composite, expected, rtol=1e-4, atol=1e-4)
     raw = _first_step_scores(WeightedContrast(parts))
     expected_raw = sum(w * _first_step_scores(s) for w, s in parts)
     torch.testing.assert_close(raw, expected_raw, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", ["log_softmax", "standardize"])
 @pytest.mark.parametrize("protocol", ["paper", "normalized"])
-def test_weighted_contrast_on_one_scale_scores_the_first_token_as_its_step(protocol):
+def test_weighted_contrast_on_one_scale_scores_the_first_token_as_its_step(protocol, scale):
     """The first answer token's score is the composite's decoding row at the prompt's end (the
-    part's log-softmaxed step, or the floor where a part rules the token out)."""
+    part's rescaled step, or the floor where a part rules the token out)."""
     parts = [(1.0, DoLa("high")), (0.5, InducedContrast())]
-    strategy = WeightedContrast(parts, scale="log_softmax")
+    strategy = WeightedContrast(parts, scale=scale)
     prefix = TOKENIZER(PROMPT)["input_ids"]
     ids = torch.tensor([prefix])
     expected_row = torch.zeros(MODEL.config.vocab_size)
@@ -165,8 +185,8 @@ def test_weighted_contrast_on_one_scale_scores_the_first_token_as_its_step(proto
                 ids, attention_mask=torch.ones_like(ids), logits_processor=[proc], max_new_tokens=1,
                 do_sample=False, output_scores=True, return_dict_in_generate=True,
             )  # fmt: skip
-        log_p = F.log_softmax(out.scores[0][0], dim=-1)
-        expected_row += weight * torch.where(log_p > -torch.inf, log_p, -1000.0)
+        rescaled = _rescaled(out.scores[0][:1], scale)[0]
+        expected_row += weight * torch.where(rescaled > -torch.inf, rescaled, -1000.0)
     scores = score_continuations(MODEL, TOKENIZER, PROMPT, ANSWERS, strategy=strategy, protocol=protocol)
     for answer, score in zip(ANSWERS, scores, strict=True):
         first = TOKENIZER(PROMPT + answer)["input_ids"][len(prefix)]

@@ -22,7 +22,7 @@ from .base import ContrastInputs, ContrastOutput, ContrastStrategy, Floor, Scori
 
 __all__ = ["SCALES", "WeightedContrast"]
 
-SCALES = ("raw", "log_softmax")
+SCALES = ("raw", "log_softmax", "standardize")
 
 
 class WeightedContrast(ContrastStrategy):
@@ -31,15 +31,23 @@ class WeightedContrast(ContrastStrategy):
     Parts' raw scores can live on very different scales: DoLa's contrast of uncalibrated early exits
     runs to about 1e4 per token on small models, ICD's to below 1, so
     ``WeightedContrast([(1, DoLa("high")), (0.5, InducedContrast())])`` with raw scores decodes
-    exactly DoLa's tokens. ``scale="log_softmax"`` puts every part on one scale first: each part's
-    decoding scores (its own plausibility filter applied) are log-softmaxed over the vocabulary,
-    then weighted. In scoring a part then gives a target its log-softmaxed score, or ``floor`` where
-    the part rules the target out, under either protocol (the part is already normalized).
+    exactly DoLa's tokens. Two options put the parts on one scale first, each applied to a part's
+    decoding scores (its own plausibility filter applied) before weighting:
+
+    * ``scale="log_softmax"``: log-softmaxed over the vocabulary. This fixes each part's offset, not
+      its spread: a part whose raw scores differ by thousands between tokens stays one-hot, so on
+      SmolLM2 the mix above still decodes DoLa's tokens;
+    * ``scale="standardize"``: over each row's tokens the part keeps, minus their mean and divided
+      by their standard deviation (a part that keeps one token gives it 0), so every part spreads
+      its tokens alike and the weights decide.
+
+    In scoring a part then gives a target its rescaled score, or ``floor`` where the part rules the
+    target out, under either protocol.
 
     Args:
         parts: ``(weight, strategy)`` pairs, or strategies (weight 1). Weights must be positive
             finite numbers.
-        scale: ``"raw"`` (default: each part's own scores, as before) or ``"log_softmax"``.
+        scale: ``"raw"`` (default: each part's own scores), ``"log_softmax"`` or ``"standardize"``.
 
     Example:
         >>> from contrastive_decoding import DoLa, InducedContrast, VistaLogits, WeightedContrast
@@ -53,7 +61,7 @@ class WeightedContrast(ContrastStrategy):
     def __init__(
         self,
         parts: Sequence[tuple[float, ContrastStrategy] | ContrastStrategy],
-        scale: Literal["raw", "log_softmax"] = "raw",
+        scale: Literal["raw", "log_softmax", "standardize"] = "raw",
     ) -> None:
         if scale not in SCALES:
             raise ValueError(f"`scale` must be one of {SCALES}, got {scale!r}.")
@@ -159,7 +167,11 @@ class WeightedContrast(ContrastStrategy):
 
     def _step_scores(self, strategy: ContrastStrategy, view: ContrastInputs) -> torch.Tensor:
         scores = strategy.step(view).scores
-        return F.log_softmax(scores, dim=-1) if self.scale == "log_softmax" else scores
+        if self.scale == "log_softmax":
+            return F.log_softmax(scores, dim=-1)
+        if self.scale == "standardize":
+            return _standardized(scores)
+        return scores
 
     def step(self, inputs: ContrastInputs) -> ContrastOutput:
         total = None
@@ -177,14 +189,27 @@ class WeightedContrast(ContrastStrategy):
     ) -> ContrastOutput:
         total = None
         for (weight, strategy), view in zip(self.parts, self._views(inputs), strict=True):
-            if self.scale == "log_softmax":
-                log_p = self._step_scores(strategy, view)
-                part = floored(log_p, log_p > -torch.inf, floor).gather(-1, targets[:, None]).squeeze(-1)
+            if self.scale != "raw":
+                rescaled = self._step_scores(strategy, view)
+                kept = rescaled > -torch.inf
+                part = floored(rescaled, kept, floor).gather(-1, targets[:, None]).squeeze(-1)
             else:
                 part = strategy.score(view, targets, protocol, floor).scores
             scores = weight * part
             total = scores if total is None else total + scores
         return ContrastOutput(total)
+
+
+def _standardized(scores: torch.Tensor) -> torch.Tensor:
+    """Each row's finite scores as z-scores over those entries; ``-inf`` stays ``-inf``."""
+    kept = scores > -torch.inf
+    count = kept.sum(-1, keepdim=True).clamp(min=1)
+    values = torch.where(kept, scores, 0.0)
+    mean = values.sum(-1, keepdim=True) / count
+    spread = (torch.where(kept, scores - mean, 0.0).square().sum(-1, keepdim=True) / count).sqrt()
+    # One kept token (or all equal): no spread to divide by; it gets 0.
+    z = (values - mean) / torch.where(spread > 0, spread, 1.0)
+    return torch.where(kept, z, -torch.inf)
 
 
 def _has_streams(strategy: ContrastStrategy) -> bool:
