@@ -210,3 +210,39 @@ def on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
 
         _ON_DEVICE[key] = copy.deepcopy(model).to(device)
     return _ON_DEVICE[key]
+
+
+def strategy_settings() -> dict:
+    """One setting of every strategy family, name -> factory(amateur model): layer exits (with and
+    without the final norm), degraded streams, a prompt amateur, a model amateur (``amateur``, for
+    classic CD), a context entropy and a weighted mix. Shared by the half-precision and dispatch
+    tests so that both cover the same strategies."""
+    from contrastive_decoding import (
+        SLED,
+        ActivationDecoding,
+        AutoContrastive,
+        ContrastiveDecoding,
+        DeCo,
+        DoLa,
+        InducedContrast,
+        LayerCake,
+        LowerLayerFusion,
+        VistaLogits,
+        WeightedContrast,
+    )
+
+    return {
+        "dola": lambda amateur: DoLa("high"),
+        "dola-final-norm": lambda amateur: DoLa("low", final_norm=True),
+        "sled": lambda amateur: SLED(),
+        "acd": lambda amateur: AutoContrastive(layer=2),
+        "deco": lambda amateur: DeCo(),
+        "vista": lambda amateur: VistaLogits(),
+        "layercake": lambda amateur: LayerCake(),
+        "lol": lambda amateur: LowerLayerFusion(),
+        "icd": lambda amateur: InducedContrast(),
+        "cd": lambda amateur: ContrastiveDecoding(amateur),
+        "activation": lambda amateur: ActivationDecoding(context="all"),
+        # No SLED part: its floor (-100) moves with its top-k set, which half precision can shift.
+        "weighted": lambda amateur: WeightedContrast([(1.0, DoLa("high")), (0.5, InducedContrast())]),
+    }

@@ -12,23 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, char_tokenizer, prompt_ids
+from conftest import build_model, char_tokenizer, prompt_ids, strategy_settings
 from transformers import AutoModelForCausalLM
 
 from contrastive_decoding import (
-    SLED,
-    ActivationDecoding,
-    AutoContrastive,
-    ContrastiveDecoding,
     ContrastLogitsProcessor,
-    DeCo,
-    DoLa,
-    InducedContrast,
-    LayerCake,
     LayerReadout,
-    LowerLayerFusion,
-    VistaLogits,
-    WeightedContrast,
     score_continuations,
     strategy_generate,
 )
@@ -39,20 +28,7 @@ TOKENIZER = char_tokenizer()
 FAMILIES = ["llama", "gpt2", "gemma2", "opt", "gpt_neox", "qwen2"]
 STEPS = 4
 
-STRATEGIES = {
-    "dola": lambda amateur: DoLa("high"),
-    "dola-final-norm": lambda amateur: DoLa("low", final_norm=True),
-    "sled": lambda amateur: SLED(),
-    "acd": lambda amateur: AutoContrastive(layer=2),
-    "deco": lambda amateur: DeCo(),
-    "vista": lambda amateur: VistaLogits(),
-    "layercake": lambda amateur: LayerCake(),
-    "lol": lambda amateur: LowerLayerFusion(),
-    "icd": lambda amateur: InducedContrast(),
-    "cd": lambda amateur: ContrastiveDecoding(amateur),
-    "activation": lambda amateur: ActivationDecoding(context="all"),
-    "weighted": lambda amateur: WeightedContrast([(1.0, DoLa("high")), (0.5, InducedContrast())]),
-}
+STRATEGIES = strategy_settings()
 
 
 def _device_map(model: torch.nn.Module) -> dict[str, str]:

@@ -16,26 +16,14 @@ Two sets of tiny models share the same weights in each dtype:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import build_model, char_tokenizer, prompt_ids
+from conftest import build_model, char_tokenizer, prompt_ids, strategy_settings
 
 from contrastive_decoding import (
-    SLED,
-    ActivationDecoding,
-    AutoContrastive,
-    ContrastiveDecoding,
     ContrastLogitsProcessor,
-    DeCo,
-    DoLa,
-    InducedContrast,
-    LayerCake,
     LayerReadout,
-    LowerLayerFusion,
-    VistaLogits,
-    WeightedContrast,
     score_continuations,
     strategy_generate,
 )
@@ -53,21 +41,7 @@ SCALE_FLOOR = 10.0
 EMBEDDING_SCALE = 3000.0
 HEAD_SCALE = 50.0
 
-STRATEGIES: dict[str, Callable] = {
-    "dola": lambda amateur: DoLa("high"),
-    "dola-final-norm": lambda amateur: DoLa("low", final_norm=True),
-    "sled": lambda amateur: SLED(),
-    "acd": lambda amateur: AutoContrastive(layer=2),
-    "deco": lambda amateur: DeCo(),
-    "vista": lambda amateur: VistaLogits(),
-    "layercake": lambda amateur: LayerCake(),
-    "lol": lambda amateur: LowerLayerFusion(),
-    "icd": lambda amateur: InducedContrast(),
-    "cd": lambda amateur: ContrastiveDecoding(amateur),
-    "activation": lambda amateur: ActivationDecoding(),
-    # No SLED part here: its floor (-100) moves with its top-k set and would not sit at the sum's minimum.
-    "weighted": lambda amateur: WeightedContrast([(1.0, DoLa("high")), (0.5, VistaLogits())]),
-}
+STRATEGIES = strategy_settings()
 
 _MODELS: dict[tuple, torch.nn.Module] = {}
 

@@ -1,0 +1,245 @@
+"""The documentation: the MkDocs site builds with ``--strict``, the API reference covers every public
+name, every Python block of ``docs/`` and the README runs, and the README keeps what CI relies on.
+
+Python blocks run page by page, in order, in one namespace per page (a later block may use what an
+earlier one defined), on a tiny random llama and a character tokenizer (``tests/conftest.py``):
+``contrastive_decoding.load_model`` is replaced for the duration by a stand-in that returns them
+(any name or path gives a second tiny model with the same vocabulary), so no Hub and no SmolLM2.
+A block that cannot run that way is preceded by ``<!-- not-run: REASON -->``; the reason is
+required, and a marker must sit right before a Python block.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
+PAGES = sorted(DOCS.rglob("*.md")) + [README]
+DOCS_EXTRA = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python")
+
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
+NOT_RUN = re.compile(r"^<!--\s*not-run:(?P<reason>.*?)-->\s*$")
+PYTHON_INFOS = {"python", "py", "python3"}
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def code_blocks(path: Path) -> list[dict]:
+    """Every fenced block of a Markdown file: language, source, first line, and the not-run reason
+    (``None`` when the line before the fence holds no marker)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        ticks, indent = match["ticks"], match["indent"]
+        info = match["info"].strip().split()
+        start, body, i = i, [], i + 1
+        while i < len(lines) and not (
+            lines[i].strip().startswith(ticks) and lines[i].strip().strip(ticks[0]) == ""
+        ):
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        i += 1
+        before = next((lines[k] for k in range(start - 1, -1, -1) if lines[k].strip()), "")
+        marker = NOT_RUN.match(before.strip())
+        blocks.append(
+            {
+                "lang": info[0].lower() if info else "",
+                "source": "\n".join(body) + "\n",
+                "line": start + 1,
+                "not_run": marker["reason"].strip() if marker else None,
+            }
+        )
+    return blocks
+
+
+def python_pages() -> list[Path]:
+    return [p for p in PAGES if any(b["lang"] in PYTHON_INFOS for b in code_blocks(p))]
+
+
+# -- the site -------------------------------------------------------------------------------------
+
+
+def test_site_builds_strict(tmp_path):
+    missing = [name for name in DOCS_EXTRA if importlib.util.find_spec(name.split(".")[0]) is None]
+    if not missing and importlib.util.find_spec("mkdocstrings_handlers") is not None:
+        missing = [n for n in DOCS_EXTRA[3:] if importlib.util.find_spec(n) is None]
+    if missing:
+        pytest.skip(
+            f"the [docs] extra is not installed here (missing: {', '.join(missing)}), so the site "
+            "cannot be built; `pip install -e '.[docs]'` (scripts/setup_env.sh does) enables this test"
+        )
+    site = tmp_path / "site"
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-f",
+            str(ROOT / "mkdocs.yml"),
+            "-d",
+            str(site),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (
+        f"mkdocs build --strict failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    )
+    assert (site / "index.html").is_file()
+    api = (site / "reference" / "library" / "index.html").read_text(encoding="utf-8")
+    for name in ("DoLaLogitsProcessor", "score_continuations", "ContrastStrategy"):
+        assert name in api, f"the API page lost {name}"
+    # The figures the pages show are copied into the site.
+    for png in DOCS.glob("*.png"):
+        assert (site / png.name).is_file(), png.name
+
+
+def _public_names(init: Path) -> list[str]:
+    tree = ast.parse(init.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return [ast.literal_eval(e) for e in node.value.elts]
+    raise AssertionError(f"{init} has no __all__")
+
+
+@pytest.mark.parametrize(
+    ("init", "page", "prefix"),
+    [
+        ("contrastive_decoding/__init__.py", "reference/library.md", "contrastive_decoding"),
+        ("eval/__init__.py", "reference/harness.md", "contrastive_decoding.eval"),
+    ],
+)
+def test_api_reference_covers_public_names(init, page, prefix):
+    text = (DOCS / page).read_text(encoding="utf-8")
+    documented = set(re.findall(rf"^::: {re.escape(prefix)}\.(\w+)\s*$", text, re.M))
+    missing = sorted(set(_public_names(ROOT / init)) - documented)
+    assert not missing, f"docs/{page} lacks `::: {prefix}.NAME` for: {missing}"
+
+
+# -- code blocks ----------------------------------------------------------------------------------
+
+
+def test_not_run_markers_are_well_formed():
+    problems = []
+    for path in PAGES:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        markers = {i + 1: NOT_RUN.match(line.strip()) for i, line in enumerate(lines)}
+        markers = {n: m for n, m in markers.items() if m}
+        blocks = {b["line"]: b for b in code_blocks(path)}
+        for n, marker in markers.items():
+            if not marker["reason"].strip():
+                problems.append(f"{_rel(path)}:{n}: not-run marker without a reason")
+            nxt = next((k for k in range(n + 1, len(lines) + 1) if lines[k - 1].strip()), None)
+            if nxt not in blocks or blocks[nxt]["lang"] not in PYTHON_INFOS:
+                problems.append(f"{_rel(path)}:{n}: not-run marker not followed by a ```python block")
+    assert not problems, "\n".join(problems)
+
+
+def test_python_blocks_are_found():
+    """The extraction sees the blocks it must run (guards against a fence-syntax slip)."""
+    counted = sum(1 for p in PAGES for b in code_blocks(p) if b["lang"] in PYTHON_INFOS)
+    assert counted >= 25
+    for path in PAGES:
+        for block in code_blocks(path):
+            if block["lang"] in PYTHON_INFOS:
+                compile(block["source"], f"{_rel(path)}:{block['line']}", "exec")
+
+
+@pytest.fixture
+def tiny_load_model(monkeypatch):
+    from conftest import build_model, char_tokenizer
+
+    import contrastive_decoding
+
+    built: dict[object, torch.nn.Module] = {}
+
+    def load_model(name_or_path=None, **kwargs):
+        key = name_or_path is not None
+        if key not in built:
+            built[key] = build_model("llama", seed=int(key))
+        tokenizer = char_tokenizer()
+        # Like real causal-LM tokenizers: no token_type_ids (transformers 4.57's generate rejects them).
+        tokenizer.model_input_names = ["input_ids", "attention_mask"]
+        return built[key], tokenizer
+
+    monkeypatch.setattr(contrastive_decoding, "load_model", load_model)
+    monkeypatch.setattr(contrastive_decoding.loading, "load_model", load_model)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_model
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("page", python_pages(), ids=_rel)
+def test_python_blocks_run(page, tiny_load_model, capsys):
+    namespace: dict = {"__name__": "__docs__"}
+    ran = 0
+    for block in code_blocks(page):
+        if block["lang"] not in PYTHON_INFOS or block["not_run"] is not None:
+            continue
+        where = f"{_rel(page)}:{block['line']}"
+        try:
+            exec(compile(block["source"], where, "exec"), namespace)
+        except Exception as error:  # noqa: BLE001 - report which block failed
+            raise AssertionError(f"the Python block at {where} failed: {error!r}") from error
+        ran += 1
+    assert ran or all(b["not_run"] for b in code_blocks(page) if b["lang"] in PYTHON_INFOS)
+
+
+# -- the README -----------------------------------------------------------------------------------
+
+
+def _readme_command_lines() -> list[str]:
+    lines = []
+    for block in code_blocks(README):
+        if block["lang"] in {"bash", "sh", "shell", "console"}:
+            lines += [line.split("#", 1)[0].strip() for line in block["source"].splitlines()]
+    return [line for line in lines if line]
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = _readme_command_lines()
+    assert "bash scripts/test.sh" in commands, "the README must give the test command `bash scripts/test.sh`"
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert "bash scripts/test.sh" in ci, ".ci/run must call exactly the README's test command"
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 260, (
+        "the README is meant to be read in five minutes: move detail to docs/"
+    )
+    broken = []
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        if not (ROOT / target).exists():
+            broken.append(target)
+    assert not broken, f"README links to missing files: {broken}"
