@@ -336,6 +336,17 @@ class ContrastiveLM(HFLM):
     # ----------------------------------------------------------------------------------------
     # loglikelihood
 
+    def _get_accelerate_args(self, *args: Any, **kwargs: Any) -> dict:
+        # Under `accelerate launch` on CPUs HFLM maps the model to the rank's device, "cpu:0"; the
+        # safetensors loader of transformers 4.x refuses an indexed CPU device, so name it "cpu".
+        out = super()._get_accelerate_args(*args, **kwargs)
+        device_map = out.get("device_map")
+        if isinstance(device_map, dict):
+            out["device_map"] = {
+                k: "cpu" if isinstance(v, str) and v.startswith("cpu") else v for k, v in device_map.items()
+            }
+        return out
+
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         return super().loglikelihood(self._refocused(requests), disable_tqdm=disable_tqdm)
 
