@@ -202,7 +202,11 @@ class ContrastSources:
 
     def _record_logits(self, module, args, output):
         logits = output["logits"] if isinstance(output, dict) else output[0]
-        self.logits = logits[:, -1, :].detach().clone()
+        last = logits[:, -1, :].detach()
+        # A copy only when the view would keep more than itself alive (a prompt's logits, or the
+        # rows of degraded streams): at 262k vocabularies each (rows, V) copy is a step's peak.
+        whole = last.untyped_storage().nbytes() == last.numel() * last.element_size()
+        self.logits = last if whole and logits.shape[1] == 1 else last.clone()
 
     def clear(self) -> None:
         """Forget recorded states, logits and every row's context (hooks stay attached)."""

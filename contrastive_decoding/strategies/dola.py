@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..divergence import DIVERGENCES, divergence_and_log_probs
+from ..divergence import DIVERGENCES, divergence_and_log_probs, divergence_by_layer, layerwise_is_exact
 from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
 from ..processor import LayerContrastLogitsProcessor
 from ..readout import LayerReadout, check_layer_indices
@@ -173,10 +173,17 @@ class DoLa(LayerContrastStrategy):
             index = torch.zeros(rows, dtype=torch.long, device=final_logits.device)
             final_lp = F.log_softmax(final_logits.float(), dim=-1)
             return index, final_lp, F.log_softmax(layer_logits[0].float(), dim=-1)
-        div, final_lp, layer_lp = divergence_and_log_probs(final_logits, layer_logits, self.divergence)
+        by_layer = layerwise_is_exact(final_logits, layer_logits, self.divergence)
+        if by_layer:  # the same numbers with a fraction of the memory (large vocabularies)
+            div, final_lp = divergence_by_layer(final_logits, layer_logits)
+        else:
+            div, final_lp, layer_lp = divergence_and_log_probs(final_logits, layer_logits, self.divergence)
         index = div.mean(-1).argmax().expand(rows) if self.layer_choice == "batch_mean" else div.argmax(0)
-        # Slicing the batched log-softmax is bit-identical to recomputing it for the chosen rows.
-        return index, final_lp, layer_lp[index, torch.arange(rows, device=index.device)]
+        chosen = (index, torch.arange(rows, device=index.device))
+        # The log-softmax of the chosen rows is bit-identical to the slice of the batched one.
+        if by_layer:
+            return index, final_lp, F.log_softmax(layer_logits[chosen].float(), dim=-1)
+        return index, final_lp, layer_lp[chosen]
 
     def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
         index, final_lp, base_lp = self._choose(final_logits, layer_logits)
