@@ -8,6 +8,10 @@ unchanged, to lm-eval's own command line::
         --model_args pretrained=smollm2,strategy=dola-high,dtype=float32 --tasks truthfulqa_mc2
     accelerate launch -m contrastive_decoding.lm_eval --model contrastive ...   # data parallel
 
+``--tasks truthfulqa_mc2_stable`` is lm-eval's mc2 computed without ``exp`` overflow (contrast
+scores make lm-eval's own mc2 NaN); without ``--include_path`` the launcher writes it to a temporary
+folder itself (see :mod:`contrastive_decoding.integrations.lm_eval_tasks`).
+
 In Python, import :class:`ContrastiveLM` from here (``lm_eval`` is an optional extra:
 ``pip install "contrastive-decoding[lm-eval]"``; this module imports without it and only the
 model needs it).
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -66,17 +72,57 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     from .integrations import lm_eval_model  # noqa: F401 - registers the `contrastive` model
+    from .integrations.lm_eval_tasks import STABLE_MC2_TASK, write_stable_mc2_task
 
-    saved = sys.argv
-    sys.argv = ["lm-eval", *args]
-    try:
-        cli_evaluate()
-    except SystemExit as exc:  # argparse's --help and usage errors
-        code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
-    finally:
-        sys.argv = saved
+    with tempfile.TemporaryDirectory(prefix="contrastive-tasks-") as tasks:
+        if STABLE_MC2_TASK in _named_tasks(args):
+            if _option(args, "--include_path") is None:
+                write_stable_mc2_task(tasks)
+                args += ["--include_path", tasks]
+            elif not (Path(_option(args, "--include_path")) / f"{STABLE_MC2_TASK}.yaml").is_file():
+                print(
+                    f"error: --tasks names {STABLE_MC2_TASK} but it is not in --include_path "
+                    f"{_option(args, '--include_path')}; write it there once with "
+                    f"`contrastive-decoding lm-eval-tasks {_option(args, '--include_path')}` "
+                    "(add --data FILE for a local TruthfulQA copy).",
+                    file=sys.stderr,
+                )
+                return 2
+        saved = sys.argv
+        sys.argv = ["lm-eval", *args]
+        try:
+            cli_evaluate()
+        except SystemExit as exc:  # argparse's --help and usage errors
+            code = exc.code
+            return code if isinstance(code, int) else (0 if code is None else 1)
+        finally:
+            sys.argv = saved
     return 0
+
+
+def _option(args: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` (``--flag V`` or ``--flag=V``), the last one if repeated."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+    return value
+
+
+def _named_tasks(args: list[str]) -> set[str]:
+    """Task names after ``--tasks`` (comma- or space-separated, or ``--tasks=a,b``)."""
+    names: list[str] = []
+    for i, arg in enumerate(args):
+        if arg.startswith("--tasks="):
+            names += arg[len("--tasks=") :].split(",")
+        elif arg == "--tasks":
+            for value in args[i + 1 :]:
+                if value.startswith("-"):
+                    break
+                names += value.split(",")
+    return {name.strip() for name in names if name.strip()}
 
 
 if __name__ == "__main__":

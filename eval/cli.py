@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_research_parsers(sub)
     sub.add_parser("list", help="benchmarks, strategies and presets")
+    lt = sub.add_parser(
+        "lm-eval-tasks", help="write lm-eval's truthfulqa_mc2_stable task (mc2 without overflow) into DIR"
+    )
+    lt.add_argument("folder", metavar="DIR", help="task folder to pass to lm-eval's --include_path")
+    lt.add_argument(
+        "--data", default=None, help="local TruthfulQA multiple_choice jsonl (offline); default: the Hub"
+    )
     return parser
 
 
@@ -415,6 +422,21 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+def _cmd_lm_eval_tasks(args) -> int:
+    from contrastive_decoding.lm_eval import INSTALL_HINT, lm_eval_available
+
+    if not lm_eval_available():
+        raise EvalError(INSTALL_HINT)
+    from contrastive_decoding.integrations.lm_eval_tasks import STABLE_MC2_TASK, write_stable_mc2_task
+
+    try:
+        yaml = write_stable_mc2_task(args.folder, args.data)
+    except FileNotFoundError as exc:
+        raise EvalError(f"--data: {exc}" if args.data else str(exc)) from None
+    print(f"wrote {yaml}; run lm-eval with --include_path {args.folder} --tasks {STABLE_MC2_TASK}")
+    return 0
+
+
 _COMMANDS = {
     "eval": _cmd_eval,
     "compare": _cmd_compare,
@@ -425,6 +447,7 @@ _COMMANDS = {
     "inspect": _cmd_inspect,
     "tune": _cmd_tune,
     "analyze": _cmd_analyze,
+    "lm-eval-tasks": _cmd_lm_eval_tasks,
 }
 
 

@@ -5,7 +5,8 @@ For each strategy, in one process and on one loaded model: this project's ``tfqa
 call) and lm-eval's ``truthfulqa_mc1`` + ``truthfulqa_mc2`` tasks through :class:`ContrastiveLM`
 (local task files pointing at the same JSON-lines file), on the first ``--limit`` questions.
 Reports both metric pairs, both wall times and their ratio; ``--hf`` also times lm-eval's own
-``hf`` model for the plain model.
+``hf`` model for the plain model; ``--stable-mc2`` also runs ``truthfulqa_mc2_stable`` (lm-eval's
+mc2 computed without ``exp`` overflow; its requests run again, so lm-eval's time then includes it).
 
 Example::
 
@@ -35,6 +36,10 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from contrastive_decoding import load_model  # noqa: E402
 from contrastive_decoding.integrations.lm_eval_model import resolve_strategy_args  # noqa: E402
+from contrastive_decoding.integrations.lm_eval_tasks import (  # noqa: E402
+    STABLE_MC2_TASK,
+    write_stable_mc2_task,
+)
 from contrastive_decoding.lm_eval import ContrastiveLM  # noqa: E402
 
 DEFAULT_DATA = (
@@ -73,21 +78,22 @@ def run_ours(model, tokenizer, strategy: str, protocol: str, items: list[dict]) 
     }
 
 
-def run_lm_eval(lm, include: Path, limit: int) -> dict[str, Any]:
+def run_lm_eval(lm, include: Path, limit: int, stable: bool = False) -> dict[str, Any]:
+    tasks = ["local_truthfulqa_mc1", "local_truthfulqa_mc2"] + ([STABLE_MC2_TASK] if stable else [])
     start = time.perf_counter()
     out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=["local_truthfulqa_mc1", "local_truthfulqa_mc2"],
-        task_manager=TaskManager(include_path=str(include)),
-        limit=limit,
+        model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(include)), limit=limit
     )
     seconds = time.perf_counter() - start
     res = out["results"]
-    return {
+    row = {
         "mc1": 100 * res["local_truthfulqa_mc1"]["acc,none"],
         "mc2": 100 * res["local_truthfulqa_mc2"]["acc,none"],
         "seconds": seconds,
     }
+    if stable:
+        row["mc2_stable"] = 100 * res[STABLE_MC2_TASK]["acc,none"]
+    return row
 
 
 def main() -> None:
@@ -98,6 +104,11 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=["none", "dola-high", "layercake"])
     parser.add_argument("--protocol", default="paper")
     parser.add_argument("--hf", action="store_true", help="also time lm-eval's own hf model (plain model)")
+    parser.add_argument(
+        "--stable-mc2",
+        action="store_true",
+        help=f"also run {STABLE_MC2_TASK} (mc2 without exp overflow; its requests are run again)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
 
@@ -106,12 +117,13 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_tasks(Path(tmp), args.data.resolve())
+        write_stable_mc2_task(tmp, args.data.resolve())
         for strategy in args.strategies:
             ours = run_ours(model, tokenizer, strategy, args.protocol, items)
             lm = ContrastiveLM(
                 pretrained=model, tokenizer=tokenizer, strategy=strategy, protocol=args.protocol
             )
-            theirs = run_lm_eval(lm, Path(tmp), args.limit)
+            theirs = run_lm_eval(lm, Path(tmp), args.limit, args.stable_mc2)
             row = {
                 "strategy": strategy,
                 "protocol": args.protocol,
@@ -135,6 +147,7 @@ def main() -> None:
             f"| {r['strategy']} | {r['n']} | {o['mc1']:.2f} | {o['mc2']:.2f} | {t['mc1']:.2f} "
             f"| {t['mc2']:.2f} | {o['seconds']:.0f} | {t['seconds']:.0f} "
             f"| {r['time_ratio_lm_eval_over_ours']:.2f} |"
+            + (f" stable mc2 {t['mc2_stable']:.2f}" if "mc2_stable" in t else "")
         )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -508,3 +508,114 @@ def test_smollm2_none_matches_hf_first_50_mc2(tmp_path):
     )
     assert len(per_doc(ours, "local_tqa_mc2")) == 50
     assert_same_samples(ours, ref, "local_tqa_mc2")
+
+
+# ------------------------------------------------------------------------------------------------
+# truthfulqa_mc2_stable: lm-eval's mc2 without exp overflow
+
+
+def test_stable_mc2_equals_lm_eval_mc2_where_finite_and_is_finite_where_it_overflows():
+    from lm_eval.tasks.truthfulqa.utils import process_results_mc2 as lm_eval_mc2
+
+    from contrastive_decoding.integrations.lm_eval_tasks import process_results_mc2
+
+    gen = torch.Generator().manual_seed(0)
+    for item in ITEMS:
+        doc = {"question": item["question"], "mc2_targets": item["mc2_targets"]}
+        n = len(doc["mc2_targets"]["labels"])
+        for spread in (0.5, 5.0, 40.0):
+            results = [(float(x), False) for x in torch.randn(n, generator=gen) * spread - 20]
+            want = lm_eval_mc2(doc, results)["acc"]
+            assert math.isclose(process_results_mc2(doc, results)["acc"], want, rel_tol=1e-12, abs_tol=1e-15)
+    # Contrast sums of hundreds of nats: lm-eval's exp overflows (inf / inf), the stable mass is
+    # 1 / (1 + e^-10) by hand.
+    doc = {"question": "Q?", "mc2_targets": {"labels": [1, 0]}}
+    with pytest.warns(RuntimeWarning):
+        assert math.isnan(lm_eval_mc2(doc, [(800.0, True), (790.0, False)])["acc"])
+    got = process_results_mc2(doc, [(800.0, True), (790.0, False)])["acc"]
+    assert got == pytest.approx(1 / (1 + math.exp(-10)), rel=1e-12)
+    # -1000 floors summed over long answers: lm-eval's exp underflows (0 / 0).
+    got = process_results_mc2(doc, [(-9000.0, True), (-9000.0 - math.log(3), False)])["acc"]
+    assert got == pytest.approx(0.75, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("results", "fragment"),
+    [
+        ([(float("nan"), False), (0.0, False)], "non-finite"),
+        ([(float("inf"), False), (0.0, False)], "non-finite"),
+        ([(0.0, False)], "1 log-likelihoods for 2 mc2 labels"),
+    ],
+)
+def test_stable_mc2_refuses_what_has_no_mass(results, fragment):
+    from contrastive_decoding.integrations.lm_eval_tasks import process_results_mc2
+
+    with pytest.raises(ValueError, match=fragment) as info:
+        process_results_mc2({"question": "Is it?", "mc2_targets": {"labels": [1, 0]}}, results)
+    assert "truthfulqa_mc2_stable" in str(info.value)
+
+
+def test_stable_mc2_task_runs_in_lm_eval_as_the_benchmark_computes_it(tiny_dir, tiny_tasks, tmp_path):
+    from contrastive_decoding.integrations.lm_eval_tasks import write_stable_mc2_task
+
+    _, data = tiny_tasks
+    write_tasks(tmp_path, data, "tiny_tqa")
+    write_stable_mc2_task(tmp_path, data)
+    # `normalized` sums -1000 floors: lm-eval's own mc2 underflows to 0 / 0 on some questions.
+    lm = ContrastiveLM(pretrained=str(tiny_dir), strategy="dola-high", protocol="normalized", dtype="float32")
+    results = evaluate(lm, ["tiny_tqa_mc2", "truthfulqa_mc2_stable"], tmp_path)
+    ours, theirs = per_doc(results, "truthfulqa_mc2_stable"), per_doc(results, "tiny_tqa_mc2")
+    bench = BENCHMARKS["tfqa-hf"]
+    strategy = build_strategy(lm.model, "dola", {"dola_layers": "high"}, lm.tokenizer)
+    ctx = EvalContext(lm.model, lm.tokenizer, strategy, "normalized")
+    records = {r["id"]: r for r in bench.evaluate(ctx, bench.read_file(data))}
+    assert ours.keys() == theirs.keys() == records.keys()
+    for doc in ours:
+        assert ours[doc]["resps"] == theirs[doc]["resps"], doc  # the same requests, the same answers
+        assert math.isfinite(ours[doc]["acc"]), doc
+        assert math.isclose(ours[doc]["acc"], records[doc]["metrics"]["mc2"], rel_tol=1e-5, abs_tol=1e-6)
+        if math.isfinite(theirs[doc]["acc"]):
+            assert math.isclose(ours[doc]["acc"], theirs[doc]["acc"], rel_tol=1e-9, abs_tol=1e-12), doc
+    assert math.isfinite(results["results"]["truthfulqa_mc2_stable"]["acc,none"])
+
+
+def test_cli_writes_and_runs_the_stable_task(tiny_dir, tiny_tasks, tmp_path, capsys):
+    from contrastive_decoding.eval.cli import main
+
+    _, data = tiny_tasks
+    folder = tmp_path / "tasks"
+    assert main(["lm-eval-tasks", str(folder), "--data", str(data)]) == 0
+    assert (folder / "truthfulqa_mc2_stable.yaml").is_file()
+    args = f"pretrained={tiny_dir},strategy=dola-high,dtype=float32"
+    base = ["lm-eval", "--model", "contrastive", "--model_args", args, "--limit", "2"]
+    assert main([*base, "--tasks", "truthfulqa_mc2_stable", "--include_path", str(folder)]) == 0
+    assert "|truthfulqa_mc2_stable|" in capsys.readouterr().out
+    # Named but not in the folder given: one line saying how to put it there, before any model loads.
+    tasks = "tiny_tqa_mc1,truthfulqa_mc2_stable"
+    assert main([*base, "--tasks", tasks, "--include_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"contrastive-decoding lm-eval-tasks {tmp_path}" in err
+    assert main(["lm-eval-tasks", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "--data" in capsys.readouterr().err
+
+
+def test_cli_adds_the_stable_task_when_no_include_path_is_given(monkeypatch):
+    import lm_eval.__main__
+
+    from contrastive_decoding.lm_eval import main
+
+    seen = {}
+
+    def fake_cli() -> None:  # records what lm-eval's CLI would get, and the folder it points to
+        argv = sys.argv
+        seen["argv"] = list(argv)
+        if "--include_path" in argv:
+            folder = Path(argv[argv.index("--include_path") + 1])
+            seen["yaml"] = (folder / "truthfulqa_mc2_stable.yaml").read_text()
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", fake_cli)
+    assert main(["--model", "contrastive", "--tasks", "truthfulqa_mc1", "truthfulqa_mc2_stable"]) == 0
+    assert "truthfulqa_mc2_stable" in seen["yaml"] and "include:" in seen["yaml"]
+    seen.clear()
+    assert main(["--model", "contrastive", "--tasks=truthfulqa_mc2"]) == 0
+    assert "--include_path" not in seen["argv"]  # other tasks: the arguments pass unchanged

@@ -1,0 +1,120 @@
+"""``truthfulqa_mc2_stable``: lm-eval's TruthfulQA mc2 task with its metric computed without overflow.
+
+lm-eval's ``truthfulqa_mc2`` turns each choice's log-likelihood into ``exp(ll)`` and normalises.
+Contrast scores are sums of log-ratios, often hundreds of nats: ``exp`` overflows to ``inf`` and
+mc2 becomes ``NaN`` (``normalized`` sums with -1000 floors underflow to ``0 / 0`` the same way).
+This task is lm-eval's own (its prompt, data, choices and ``labels == 1`` rule: it includes the
+installed task's YAML) with one change: each question's log-likelihoods are shifted by their maximum
+before ``exp``. Where lm-eval's value is finite the two agree to rounding; where it is ``NaN`` this
+one is the true probability mass of the true answers, as this project's ``tfqa-hf`` benchmark
+computes it.
+
+The task lives in a folder of two files: the YAML and a one-line module that ``!function`` loads
+from beside it. ``contrastive-decoding lm-eval`` writes it to a temporary folder by itself when
+``--tasks`` names the task and no ``--include_path`` is given; otherwise write it into your task
+folder once with ``contrastive-decoding lm-eval-tasks DIR`` (``--data FILE`` for a local copy of
+TruthfulQA's ``multiple_choice`` split, as offline runs need).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..eval.metrics import tfqa_mc_hf
+
+__all__ = ["STABLE_MC2_TASK", "process_results_mc2", "write_stable_mc2_task"]
+
+STABLE_MC2_TASK = "truthfulqa_mc2_stable"
+_SHIM = "contrastive_mc2"
+
+
+def process_results_mc2(doc: dict[str, Any], results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+    """lm-eval's ``process_results_mc2`` with ``exp`` taken after subtracting the maximum.
+
+    Args:
+        doc: the TruthfulQA ``multiple_choice`` record (its ``mc2_targets.labels`` are used).
+        results: one ``(log-likelihood, is_greedy)`` per mc2 choice, in the record's order.
+
+    Returns:
+        ``{"acc": mass}``: the normalised probability of the choices labelled 1.
+
+    Raises:
+        ValueError: a log-likelihood is NaN or infinite (no mass can be computed from it), naming
+            the question; or the number of results differs from the number of labels.
+
+    Example:
+        >>> doc = {"question": "Q?", "mc2_targets": {"labels": [1, 0]}}
+        >>> round(process_results_mc2(doc, [(800.0, True), (790.0, False)])["acc"], 6)
+        0.999955
+    """
+    labels = list(doc["mc2_targets"]["labels"])
+    lls = [float(ll) for ll, _ in results]
+    if len(lls) != len(labels):
+        raise ValueError(
+            f"{STABLE_MC2_TASK}: {len(lls)} log-likelihoods for {len(labels)} mc2 labels "
+            f"(question {doc.get('question')!r})."
+        )
+    if not all(math.isfinite(ll) for ll in lls):
+        raise ValueError(
+            f"{STABLE_MC2_TASK}: question {doc.get('question')!r} has non-finite log-likelihoods "
+            f"{lls}; no probability mass can be computed from them."
+        )
+    return {"acc": tfqa_mc_hf(lls[:1], lls, labels)["mc2"]}
+
+
+def _installed_mc2_yaml() -> Path:
+    import lm_eval
+
+    path = Path(lm_eval.__file__).parent / "tasks" / "truthfulqa" / "truthfulqa_mc2.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"lm-eval's TruthfulQA mc2 task was not found at {path}; this lm-eval release is not "
+            'supported: install `pip install "contrastive-decoding[lm-eval]"`.'
+        )
+    return path
+
+
+def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLike | None = None) -> Path:
+    """Write the ``truthfulqa_mc2_stable`` task into ``folder`` (created if needed).
+
+    Args:
+        folder: a task folder for lm-eval's ``--include_path``.
+        data_file: a local JSON-lines copy of TruthfulQA's ``multiple_choice`` validation split;
+            ``None`` reads lm-eval's default dataset from the Hub.
+
+    Returns:
+        The YAML file written.
+
+    Raises:
+        FileNotFoundError: ``data_file`` does not exist, or lm-eval's mc2 task is not installed.
+    """
+    folder = Path(folder)
+    lines = [
+        f"include: {_installed_mc2_yaml()}",
+        f"task: {STABLE_MC2_TASK}",
+        "tag: []",  # not part of lm-eval's `truthfulqa` tag, which would then run it twice
+        f"process_results: !function {_SHIM}.process_results_mc2",
+    ]
+    if data_file is not None:
+        data_file = Path(data_file).resolve()
+        if not data_file.is_file():
+            raise FileNotFoundError(f"`data_file` {str(data_file)!r} does not exist.")
+        lines += [
+            "dataset_path: json",
+            "dataset_name: null",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    validation: {data_file}",
+        ]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{_SHIM}.py").write_text(
+        "from contrastive_decoding.integrations.lm_eval_tasks import process_results_mc2  # noqa: F401\n",
+        encoding="utf-8",
+    )
+    yaml = folder / f"{STABLE_MC2_TASK}.yaml"
+    yaml.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return yaml
