@@ -431,8 +431,12 @@ def _cmd_lm_eval_tasks(args) -> int:
 
     try:
         yaml = write_stable_mc2_task(args.folder, args.data)
+    except NotADirectoryError as exc:
+        raise EvalError(f"DIR: {exc}") from None
     except FileNotFoundError as exc:
         raise EvalError(f"--data: {exc}" if args.data else str(exc)) from None
+    except OSError as exc:  # e.g. a folder that cannot be written
+        raise EvalError(f"DIR {args.folder}: {exc}") from None
     print(f"wrote {yaml}; run lm-eval with --include_path {args.folder} --tasks {STABLE_MC2_TASK}")
     return 0
 

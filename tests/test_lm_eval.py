@@ -597,6 +597,8 @@ def test_cli_writes_and_runs_the_stable_task(tiny_dir, tiny_tasks, tmp_path, cap
     assert f"contrastive-decoding lm-eval-tasks {tmp_path}" in err
     assert main(["lm-eval-tasks", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main(["lm-eval-tasks", str(data)]) == 2  # a file, not a folder
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_cli_adds_the_stable_task_when_no_include_path_is_given(monkeypatch):

@@ -90,7 +90,8 @@ def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLik
         The YAML file written.
 
     Raises:
-        FileNotFoundError: ``data_file`` does not exist, or lm-eval's mc2 task is not installed.
+        FileNotFoundError: ``data_file`` is not a file, or lm-eval's mc2 task is not installed.
+        NotADirectoryError: ``folder`` exists and is not a folder.
     """
     folder = Path(folder)
     lines = [
@@ -102,7 +103,10 @@ def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLik
     if data_file is not None:
         data_file = Path(data_file).resolve()
         if not data_file.is_file():
-            raise FileNotFoundError(f"`data_file` {str(data_file)!r} does not exist.")
+            raise FileNotFoundError(
+                f"`data_file` {str(data_file)!r} is not a file; give TruthfulQA's multiple_choice "
+                "validation split as JSON lines."
+            )
         lines += [
             "dataset_path: json",
             "dataset_name: null",
@@ -110,6 +114,8 @@ def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLik
             "  data_files:",
             f"    validation: {data_file}",
         ]
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"`folder` {str(folder)!r} is a file; give a folder for lm-eval's tasks.")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{_SHIM}.py").write_text(
         "from contrastive_decoding.integrations.lm_eval_tasks import process_results_mc2  # noqa: F401\n",
