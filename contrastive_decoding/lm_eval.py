@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             if _option(args, "--include_path") is None:
                 write_stable_mc2_task(tasks)
                 args += ["--include_path", tasks]
-            elif not (Path(_option(args, "--include_path")) / f"{STABLE_MC2_TASK}.yaml").is_file():
+            elif not _defines_task(Path(_option(args, "--include_path")), STABLE_MC2_TASK):
                 print(
                     f"error: --tasks names {STABLE_MC2_TASK} but it is not in --include_path "
                     f"{_option(args, '--include_path')}; write it there once with "
@@ -109,6 +109,18 @@ def _option(args: list[str], flag: str) -> str | None:
         elif arg.startswith(flag + "="):
             value = arg[len(flag) + 1 :]
     return value
+
+
+def _defines_task(folder: Path, task: str) -> bool:
+    """Whether a YAML file in ``folder`` or below (as lm-eval searches it) declares ``task``."""
+    for yaml in folder.glob("**/*.yaml"):
+        try:
+            lines = yaml.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if any(line.split("#", 1)[0].strip() == f"task: {task}" for line in lines):
+            return True
+    return False
 
 
 def _named_tasks(args: list[str]) -> set[str]:

@@ -584,17 +584,20 @@ def test_cli_writes_and_runs_the_stable_task(tiny_dir, tiny_tasks, tmp_path, cap
 
     _, data = tiny_tasks
     folder = tmp_path / "tasks"
-    assert main(["lm-eval-tasks", str(folder), "--data", str(data)]) == 0
-    assert (folder / "truthfulqa_mc2_stable.yaml").is_file()
+    assert main(["lm-eval-tasks", str(folder / "truthfulqa"), "--data", str(data)]) == 0
+    assert (folder / "truthfulqa" / "truthfulqa_mc2_stable.yaml").is_file()
     args = f"pretrained={tiny_dir},strategy=dola-high,dtype=float32"
     base = ["lm-eval", "--model", "contrastive", "--model_args", args, "--limit", "2"]
+    # lm-eval finds tasks in sub-folders of --include_path; so does the launcher's check.
     assert main([*base, "--tasks", "truthfulqa_mc2_stable", "--include_path", str(folder)]) == 0
     assert "|truthfulqa_mc2_stable|" in capsys.readouterr().out
     # Named but not in the folder given: one line saying how to put it there, before any model loads.
+    other = tmp_path / "other"
+    other.mkdir()
     tasks = "tiny_tqa_mc1,truthfulqa_mc2_stable"
-    assert main([*base, "--tasks", tasks, "--include_path", str(tmp_path)]) == 2
+    assert main([*base, "--tasks", tasks, "--include_path", str(other)]) == 2
     err = capsys.readouterr().err
-    assert f"contrastive-decoding lm-eval-tasks {tmp_path}" in err
+    assert f"contrastive-decoding lm-eval-tasks {other}" in err
     assert main(["lm-eval-tasks", str(folder), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "--data" in capsys.readouterr().err
     assert main(["lm-eval-tasks", str(data)]) == 2  # a file, not a folder
