@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
@@ -87,13 +88,22 @@ def run_lm_eval(lm, include: Path, limit: int, stable: bool = False) -> dict[str
     seconds = time.perf_counter() - start
     res = out["results"]
     row = {
-        "mc1": 100 * res["local_truthfulqa_mc1"]["acc,none"],
-        "mc2": 100 * res["local_truthfulqa_mc2"]["acc,none"],
+        "mc1": _percent(res["local_truthfulqa_mc1"]["acc,none"]),
+        "mc2": _percent(res["local_truthfulqa_mc2"]["acc,none"]),  # None: lm-eval's NaN (exp overflow)
         "seconds": seconds,
     }
     if stable:
-        row["mc2_stable"] = 100 * res[STABLE_MC2_TASK]["acc,none"]
+        row["mc2_stable"] = _percent(res[STABLE_MC2_TASK]["acc,none"])
     return row
+
+
+def _percent(value: float) -> float | None:
+    """A metric in percent; ``None`` (JSON null) for lm-eval's NaN, which is no value."""
+    return 100 * value if math.isfinite(value) else None
+
+
+def _cell(value: float | None) -> str:
+    return "NaN (overflow)" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -144,14 +154,14 @@ def main() -> None:
     for r in rows:
         o, t = r["ours"], r["lm_eval"]
         print(
-            f"| {r['strategy']} | {r['n']} | {o['mc1']:.2f} | {o['mc2']:.2f} | {t['mc1']:.2f} "
-            f"| {t['mc2']:.2f} | {o['seconds']:.0f} | {t['seconds']:.0f} "
+            f"| {r['strategy']} | {r['n']} | {o['mc1']:.2f} | {o['mc2']:.2f} | {_cell(t['mc1'])} "
+            f"| {_cell(t['mc2'])} | {o['seconds']:.0f} | {t['seconds']:.0f} "
             f"| {r['time_ratio_lm_eval_over_ours']:.2f} |"
-            + (f" stable mc2 {t['mc2_stable']:.2f}" if "mc2_stable" in t else "")
+            + (f" stable mc2 {_cell(t['mc2_stable'])}" if "mc2_stable" in t else "")
         )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        args.out.write_text(json.dumps(rows, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
