@@ -336,6 +336,17 @@ def _show(token: str | None, width: int = 8) -> str:
     return label if len(label) <= width else label[: width - 1] + "~"
 
 
+def _save_heatmap(fig: Any, ax: Any, image: Any, path: Path) -> Path:
+    """Add the colour bar, write the figure to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
     """Two heatmaps of a :class:`LayerMap`, sized to stay readable at 60 tokens x 32 layers.
 
@@ -391,11 +402,7 @@ def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
         + (", final norm on" if result.final_norm else ""),
         fontsize=9,
     )
-    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
-    fig.tight_layout()
-    paths["divergence_png"] = folder / "divergence.png"
-    fig.savefig(paths["divergence_png"], dpi=110)
-    plt.close(fig)
+    paths["divergence_png"] = _save_heatmap(fig, ax, image, folder / "divergence.png")
 
     grid_rows = rows + 1
     fig, ax = plt.subplots(figsize=(width, max(3.5, 0.26 * grid_rows + 2.0)))
@@ -419,9 +426,5 @@ def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
         + (", final norm on" if result.final_norm else ", raw head"),
         fontsize=9,
     )
-    fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
-    fig.tight_layout()
-    paths["top_tokens_png"] = folder / "top_tokens.png"
-    fig.savefig(paths["top_tokens_png"], dpi=110)
-    plt.close(fig)
+    paths["top_tokens_png"] = _save_heatmap(fig, ax, image, folder / "top_tokens.png")
     return paths

@@ -75,16 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     from .integrations.lm_eval_tasks import STABLE_MC2_TASK, write_stable_mc2_task
 
     with tempfile.TemporaryDirectory(prefix="contrastive-tasks-") as tasks:
+        include = _option(args, "--include_path")
         if STABLE_MC2_TASK in _named_tasks(args):
-            if _option(args, "--include_path") is None:
+            if include is None:
                 write_stable_mc2_task(tasks)
                 args += ["--include_path", tasks]
-            elif not _defines_task(Path(_option(args, "--include_path")), STABLE_MC2_TASK):
+            elif not _defines_task(Path(include), STABLE_MC2_TASK):
                 print(
                     f"error: --tasks names {STABLE_MC2_TASK} but it is not in --include_path "
-                    f"{_option(args, '--include_path')}; write it there once with "
-                    f"`contrastive-decoding lm-eval-tasks {_option(args, '--include_path')}` "
-                    "(add --data FILE for a local TruthfulQA copy).",
+                    f"{include}; write it there once with `contrastive-decoding lm-eval-tasks "
+                    f"{include}` (add --data FILE for a local TruthfulQA copy).",
                     file=sys.stderr,
                 )
                 return 2

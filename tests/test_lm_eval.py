@@ -39,6 +39,9 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerFast, Repetitio
 from contrastive_decoding import DoLaLogitsProcessor, dola_generate, embedded_model_file  # noqa: E402
 from contrastive_decoding.lm_eval import ContrastiveLM  # noqa: E402
 
+# Tiny models run fastest on one thread, and the machine's cores are shared (conftest's fixture).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ../shared/data beside the checkout (tests/ -> repo root -> ..), overridable.
 SHARED_DATA = Path(
     os.environ.get("CD_SHARED_DATA") or Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -97,15 +100,6 @@ def encode(tokenizer, prompt: str) -> dict[str, torch.Tensor]:
     """``generate`` inputs of one prompt (transformers 4.x tokenizers add ``token_type_ids``)."""
     enc = tokenizer(prompt, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
