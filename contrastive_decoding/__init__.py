@@ -2,102 +2,116 @@
 
 Strategies contrast what a model predicts at different depths of its own layer stack, at
 generation time and with no training. See the README for the API and examples.
+
+The package layers are: :mod:`~contrastive_decoding.core` (the strategy contract and registry,
+torch only) <- :mod:`~contrastive_decoding.strategies` (one file each) <-
+:mod:`~contrastive_decoding.backends` (transformers) <- the harness and integrations. Names are
+imported on first use, so ``import contrastive_decoding`` (and the CLI's ``--help``) stays fast.
 """
 
-from .amateur import Amateur
-from .capture import LayerCapture
-from .context_entropy import ContextEntropy, EntropySource
-from .divergence import layer_divergence
-from .generation import contrast_generate, dola_generate, strategy_generate
-from .layer_map import LayerMap, layer_map, plot_layer_map
-from .loading import DEFAULT_MODEL, embedded_model_file, load_model
-from .plausibility import plausible_mask
-from .processor import ContrastLogitsProcessor, LayerContrastLogitsProcessor, StreamContrastLogitsProcessor
-from .prompt_cache import PromptCache
-from .readout import TESTED_MODEL_TYPES, LayerReadout, UnsupportedModelError
-from .scoring import ContinuationScore, score_continuations
-from .sources import ContrastSources
-from .strategies.acd import AutoContrastive, AutoContrastiveLogitsProcessor
-from .strategies.activation import ActivationDecoding
-from .strategies.amateur_cd import ContrastiveDecoding
-from .strategies.base import (
-    ContrastInputs,
-    ContrastOutput,
-    ContrastStrategy,
-    LayerContrastStrategy,
-    RelativeFloor,
-    StreamContrastStrategy,
-)
-from .strategies.compose import WeightedContrast
-from .strategies.deco import DeCo, DeCoLogitsProcessor
-from .strategies.dola import DoLa, DoLaLogitsProcessor, dola_candidate_layers
-from .strategies.icd import InducedContrast
-from .strategies.layercake import LayerCake, LayerCakeLogitsProcessor, layercake_generate
-from .strategies.lol import LowerLayerFusion
-from .strategies.sled import SLED, SLEDLogitsProcessor
-from .strategies.vista import VistaLogits, VistaLogitsProcessor
-from .streams import StreamBatch, StreamRunner
-from .suppression import AttentionSuppression, SuppressionRule, resolve_layers
-from .token_classes import TOKEN_CLASSES, TokenClassifier
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ActivationDecoding",
-    "ContextEntropy",
-    "PromptCache",
-    "EntropySource",
-    "ContrastiveDecoding",
-    "InducedContrast",
-    "LowerLayerFusion",
-    "WeightedContrast",
-    "Amateur",
-    "ContrastInputs",
-    "ContrastLogitsProcessor",
-    "ContrastSources",
-    "ContrastStrategy",
-    "RelativeFloor",
-    "AttentionSuppression",
-    "AutoContrastive",
-    "AutoContrastiveLogitsProcessor",
-    "DeCo",
-    "DeCoLogitsProcessor",
-    "SLED",
-    "SLEDLogitsProcessor",
-    "VistaLogits",
-    "VistaLogitsProcessor",
-    "DEFAULT_MODEL",
-    "LayerCake",
-    "LayerCakeLogitsProcessor",
-    "StreamBatch",
-    "StreamContrastLogitsProcessor",
-    "StreamContrastStrategy",
-    "StreamRunner",
-    "SuppressionRule",
-    "TOKEN_CLASSES",
-    "TokenClassifier",
-    "layercake_generate",
-    "resolve_layers",
-    "TESTED_MODEL_TYPES",
-    "ContinuationScore",
-    "ContrastOutput",
-    "DoLa",
-    "DoLaLogitsProcessor",
-    "LayerCapture",
-    "LayerContrastLogitsProcessor",
-    "LayerContrastStrategy",
-    "LayerReadout",
-    "UnsupportedModelError",
-    "contrast_generate",
-    "dola_candidate_layers",
-    "dola_generate",
-    "embedded_model_file",
-    "layer_divergence",
-    "LayerMap",
-    "layer_map",
-    "plot_layer_map",
-    "load_model",
-    "plausible_mask",
-    "score_continuations",
-    "strategy_generate",
-]
+_CORE = "contrastive_decoding.core"
+_HF = "contrastive_decoding.backends.hf"
+_S = "contrastive_decoding.strategies"
+
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "ContrastInputs",
+            "ContrastOutput",
+            "ContrastStrategy",
+            "LayerContrastStrategy",
+            "ModelLayout",
+            "RelativeFloor",
+            "StreamContrastStrategy",
+        ],
+        _CORE,
+    ),
+    # Through the strategies package, which registers the library's own first.
+    **dict.fromkeys(
+        [
+            "get_strategy",
+            "make_strategy",
+            "register_strategy",
+            "registered_strategies",
+            "unregister_strategy",
+        ],
+        _S,
+    ),
+    "Amateur": f"{_CORE}.specs",
+    "EntropySource": f"{_CORE}.specs",
+    "SuppressionRule": f"{_CORE}.specs",
+    "resolve_layers": f"{_CORE}.specs",
+    "plausible_mask": f"{_CORE}.plausibility",
+    "layer_divergence": f"{_CORE}.divergence",
+    "TOKEN_CLASSES": f"{_CORE}.token_classes",
+    "TokenClassifier": f"{_CORE}.token_classes",
+    "AutoContrastive": f"{_S}.acd",
+    "ActivationDecoding": f"{_S}.activation",
+    "ContrastiveDecoding": f"{_S}.amateur_cd",
+    "WeightedContrast": f"{_S}.compose",
+    "DeCo": f"{_S}.deco",
+    "DoLa": f"{_S}.dola",
+    "dola_candidate_layers": f"{_S}.dola",
+    "InducedContrast": f"{_S}.icd",
+    "LayerCake": f"{_S}.layercake",
+    "LowerLayerFusion": f"{_S}.lol",
+    "SLED": f"{_S}.sled",
+    "VistaLogits": f"{_S}.vista",
+    "ContextEntropy": f"{_HF}.context_entropy",
+    "LayerCapture": f"{_HF}.capture",
+    "contrast_generate": f"{_HF}.generation",
+    "strategy_generate": f"{_HF}.generation",
+    "DEFAULT_MODEL": f"{_HF}.loading",
+    "embedded_model_file": f"{_HF}.loading",
+    "load_model": f"{_HF}.loading",
+    "ContrastLogitsProcessor": f"{_HF}.processor",
+    "LayerContrastLogitsProcessor": f"{_HF}.processor",
+    "StreamContrastLogitsProcessor": f"{_HF}.processor",
+    "PromptCache": f"{_HF}.prompt_cache",
+    "TESTED_MODEL_TYPES": f"{_HF}.readout",
+    "LayerReadout": f"{_HF}.readout",
+    "UnsupportedModelError": f"{_HF}.readout",
+    "ContinuationScore": f"{_HF}.scoring",
+    "score_continuations": f"{_HF}.scoring",
+    "score_token_continuations": f"{_HF}.scoring",
+    "ContrastSources": f"{_HF}.sources",
+    "StreamBatch": f"{_HF}.streams",
+    "StreamRunner": f"{_HF}.streams",
+    "AttentionSuppression": f"{_HF}.suppression",
+    "generate_function": f"{_HF}.frontends",
+    "logits_processor_class": f"{_HF}.frontends",
+    "AutoContrastiveLogitsProcessor": f"{_HF}.named",
+    "DeCoLogitsProcessor": f"{_HF}.named",
+    "DoLaLogitsProcessor": f"{_HF}.named",
+    "LayerCakeLogitsProcessor": f"{_HF}.named",
+    "SLEDLogitsProcessor": f"{_HF}.named",
+    "VistaLogitsProcessor": f"{_HF}.named",
+    "dola_generate": f"{_HF}.named",
+    "layercake_generate": f"{_HF}.named",
+    "LayerMap": "contrastive_decoding.layer_map",
+    "layer_map": "contrastive_decoding.layer_map",
+    "plot_layer_map": "contrastive_decoding.layer_map",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'contrastive_decoding' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

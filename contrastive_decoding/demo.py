@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteriaList, StopStringCriteria
 
-from .generation import dola_generate
-from .loading import DEFAULT_MODEL, load_model
-from .prompts import truthfulqa_prompt
-from .scoring import score_continuations
-from .strategies.dola import DoLa
-from .strategies.layercake import LayerCake, layercake_generate
+from contrastive_decoding.backends.hf.loading import DEFAULT_MODEL, load_model
+from contrastive_decoding.backends.hf.named import dola_generate, layercake_generate
+from contrastive_decoding.backends.hf.scoring import score_continuations
+from contrastive_decoding.prompts import truthfulqa_prompt
+from contrastive_decoding.strategies.dola import DoLa
+from contrastive_decoding.strategies.layercake import LayerCake
 
 # ../shared/data beside a checkout of this repository; users can pass --truthfulqa-csv instead.
 _SHARED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa" / "TruthfulQA.csv"

@@ -4,7 +4,7 @@ For every position of a text and every layer ``j`` (``0`` = embedding output, ``
 own output), :func:`layer_map` reports what the early exit ``q_j = softmax(lm_head(h_j))``
 predicts (its top token and that token's probability, the probability it gives the token that
 actually comes next), how far ``q_j`` is from the final distribution ``q_N`` (DoLa's divergence,
-or the textbook Jensen-Shannon divergence, see :mod:`contrastive_decoding.divergence`), and which
+or the textbook Jensen-Shannon divergence, see :mod:`contrastive_decoding.core.divergence`), and which
 premature layer DoLa would contrast with at that position for a given ``dola_layers`` bucket.
 DoLa's paper motivates the method with such a map: late layers agree with the final one on easy
 tokens and disagree on the tokens that carry facts.
@@ -31,10 +31,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .divergence import DIVERGENCES, layer_divergence
-from .readout import LayerReadout, check_layer_indices
-from .strategies.dola import _check_dola_layers, dola_candidate_layers
-from .validation import check_flag
+from contrastive_decoding.backends.hf.readout import LayerReadout
+from contrastive_decoding.core.divergence import DIVERGENCES, layer_divergence
+from contrastive_decoding.core.specs import check_layer_indices
+from contrastive_decoding.core.validation import check_flag
+from contrastive_decoding.strategies.dola import _check_dola_layers, dola_candidate_layers
 
 __all__ = ["LayerMap", "layer_map", "plot_layer_map"]
 
@@ -239,63 +240,20 @@ def layer_map(
         >>> len(m.layers), len(m.positions), m.candidates
         (4, 6, [2])
     """
-    if not isinstance(text, str) or not text:
-        raise ValueError("`text` is empty; give the text to read, e.g. a question and its answer.")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
-    final_norm = check_flag("final_norm", final_norm, allow_int=True)
-    bucket = _check_dola_layers(dola_layers)
+    final_norm, bucket = _check_map_arguments(text, divergence, final_norm, dola_layers)
     readout = LayerReadout.from_model(model)
     n = readout.num_layers
     shown = _parse_layers(layers, n)
     candidates = dola_candidate_layers(bucket, n, readout.tied_embeddings)
 
-    ids = list(tokenizer(text)["input_ids"])
-    if not ids:
-        raise ValueError(f"`text` ({text!r}) tokenizes to no tokens.")
-    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 <= prompt_len < len(ids):
-        raise ValueError(
-            f"`prompt_len` must be an integer in 0..{len(ids) - 1} (the text has {len(ids)} tokens), "
-            f"got {prompt_len!r}; it counts the context tokens whose predictions are not shown."
-        )
-    positions = list(range(max(prompt_len, 1) - 1, len(ids)))
-
+    ids, positions = _tokens_and_positions(tokenizer, text, prompt_len)
     device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states
-    pos = torch.tensor(positions, device=device)
-    final_logits = out.logits[0, pos].float()  # (P, V): the model's own output, soft-capped where it is
+    out = model(input_ids=torch.tensor([ids], device=device), output_hidden_states=True, use_cache=False)
+    lens = _Lens(readout, out.hidden_states, ids, positions, final_norm, divergence)
+    final_logits = out.logits[0, lens.pos].float()  # (P, V): the model's own output, soft-capped where it is
     final_lp = torch.log_softmax(final_logits, dim=-1)
-    vocab = final_logits.shape[-1]
-    next_ids = torch.tensor([ids[t + 1] if t + 1 < len(ids) else 0 for t in positions], device=device)
-    has_next = [t + 1 < len(ids) for t in positions]
-
-    def next_probs(log_probs: torch.Tensor) -> list[float | None]:
-        values = log_probs.gather(-1, next_ids[:, None])[:, 0].exp().tolist()
-        return [v if ok else None for v, ok in zip(values, has_next, strict=True)]
-
-    def exit_logits(layer: int) -> torch.Tensor:
-        return readout.early_exit_logits(hidden[layer][0, pos], final_norm=final_norm).float()
-
-    top_ids, top_probs, nexts, divs = [], [], [], []
-    for layer in shown:  # one layer at a time: (P, V) float32 tensors, not (L, P, V)
-        logits = exit_logits(layer)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        best = log_probs.max(dim=-1)
-        top_ids.append(best.indices.tolist())
-        top_probs.append(best.values.exp().tolist())
-        nexts.append(next_probs(log_probs))
-        # layer_divergence averages over the vocabulary as DoLa's code does; report the sum.
-        divs.append((layer_divergence(final_logits, logits[None], divergence)[0] * vocab).tolist())
-
-    if len(candidates) == 1:
-        choice = [candidates[0]] * len(positions)
-    else:
-        # The very computation DoLa's strategy runs (all candidates stacked, argmax per row).
-        stacked = torch.stack([exit_logits(j) for j in candidates])
-        index = layer_divergence(final_logits, stacked, divergence).argmax(0)
-        choice = [candidates[i] for i in index.tolist()]
+    top_ids, top_probs, nexts, divs = lens.read(shown, final_logits)
+    choice = lens.dola_choice(candidates, final_logits)
 
     final_best = final_lp.max(dim=-1)
     result = LayerMap(
@@ -316,11 +274,75 @@ def layer_map(
         dola_choice=choice,
         final_top_ids=final_best.indices.tolist(),
         final_top_probs=final_best.values.exp().tolist(),
-        final_next_probs=next_probs(final_lp),
+        final_next_probs=lens.next_probs(final_lp),
     )
     result.top_tokens = [[_token_text(tokenizer, i) for i in row] for row in top_ids]
     result.final_top_tokens = [_token_text(tokenizer, i) for i in result.final_top_ids]
     return result
+
+
+def _check_map_arguments(text, divergence, final_norm, dola_layers) -> tuple[bool, str | int | list[int]]:
+    if not isinstance(text, str) or not text:
+        raise ValueError("`text` is empty; give the text to read, e.g. a question and its answer.")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"`divergence` must be one of {DIVERGENCES}, got {divergence!r}.")
+    return check_flag("final_norm", final_norm, allow_int=True), _check_dola_layers(dola_layers)
+
+
+def _tokens_and_positions(tokenizer: Any, text: str, prompt_len: int) -> tuple[list[int], list[int]]:
+    """The token ids of ``text`` and the positions whose predictions the map shows."""
+    ids = list(tokenizer(text)["input_ids"])
+    if not ids:
+        raise ValueError(f"`text` ({text!r}) tokenizes to no tokens.")
+    if isinstance(prompt_len, bool) or not isinstance(prompt_len, int) or not 0 <= prompt_len < len(ids):
+        raise ValueError(
+            f"`prompt_len` must be an integer in 0..{len(ids) - 1} (the text has {len(ids)} tokens), "
+            f"got {prompt_len!r}; it counts the context tokens whose predictions are not shown."
+        )
+    return ids, list(range(max(prompt_len, 1) - 1, len(ids)))
+
+
+class _Lens:
+    """Early exits of one forward's hidden states at the shown positions, one layer at a time."""
+
+    def __init__(self, readout, hidden, ids: list[int], positions: list[int], final_norm: bool, divergence):
+        device = hidden[0].device
+        self.readout, self.hidden, self.final_norm, self.divergence = readout, hidden, final_norm, divergence
+        self.pos = torch.tensor(positions, device=device)
+        following = [ids[t + 1] if t + 1 < len(ids) else 0 for t in positions]
+        self.next_ids = torch.tensor(following, device=device)
+        self.has_next = [t + 1 < len(ids) for t in positions]
+
+    def next_probs(self, log_probs: torch.Tensor) -> list[float | None]:
+        values = log_probs.gather(-1, self.next_ids[:, None])[:, 0].exp().tolist()
+        return [v if ok else None for v, ok in zip(values, self.has_next, strict=True)]
+
+    def exit_logits(self, layer: int) -> torch.Tensor:
+        states = self.hidden[layer][0, self.pos]
+        return self.readout.early_exit_logits(states, final_norm=self.final_norm).float()
+
+    def read(self, shown: list[int], final_logits: torch.Tensor) -> tuple[list, list, list, list]:
+        """Per shown layer: top ids, top probabilities, next-token probabilities, divergences."""
+        vocab = final_logits.shape[-1]
+        top_ids, top_probs, nexts, divs = [], [], [], []
+        for layer in shown:  # one layer at a time: (P, V) float32 tensors, not (L, P, V)
+            logits = self.exit_logits(layer)
+            log_probs = torch.log_softmax(logits, dim=-1)
+            best = log_probs.max(dim=-1)
+            top_ids.append(best.indices.tolist())
+            top_probs.append(best.values.exp().tolist())
+            nexts.append(self.next_probs(log_probs))
+            # layer_divergence averages over the vocabulary as DoLa's code does; report the sum.
+            divs.append((layer_divergence(final_logits, logits[None], self.divergence)[0] * vocab).tolist())
+        return top_ids, top_probs, nexts, divs
+
+    def dola_choice(self, candidates: list[int], final_logits: torch.Tensor) -> list[int]:
+        if len(candidates) == 1:
+            return [candidates[0]] * len(self.pos)
+        # The very computation DoLa's strategy runs (all candidates stacked, argmax per row).
+        stacked = torch.stack([self.exit_logits(j) for j in candidates])
+        index = layer_divergence(final_logits, stacked, self.divergence).argmax(0)
+        return [candidates[i] for i in index.tolist()]
 
 
 def _show(token: str | None, width: int = 8) -> str:

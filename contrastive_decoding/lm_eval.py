@@ -19,33 +19,23 @@ model needs it).
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from contrastive_decoding.integrations import INSTALL_HINT, lm_eval_available
+
 if TYPE_CHECKING:
-    from .integrations.lm_eval_model import ContrastiveLM
+    from contrastive_decoding.integrations.lm_eval_model import ContrastiveLM
 
 __all__ = ["ContrastiveLM", "INSTALL_HINT", "main"]
-
-INSTALL_HINT = (
-    'lm-evaluation-harness is not installed: run `pip install "contrastive-decoding[lm-eval]"` '
-    '(or `pip install "lm-eval>=0.4.13,<0.5"`).'
-)
-
-
-def lm_eval_available() -> bool:
-    """Whether the ``lm_eval`` package (the ``[lm-eval]`` extra) is importable."""
-    return importlib.util.find_spec("lm_eval") is not None
-
 
 def __getattr__(name: str) -> Any:
     if name == "ContrastiveLM":
         if not lm_eval_available():
             raise ImportError(INSTALL_HINT)
-        from .integrations.lm_eval_model import ContrastiveLM
+        from contrastive_decoding.integrations.lm_eval_model import ContrastiveLM
 
         return ContrastiveLM
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -71,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from lm_eval.__main__ import cli_evaluate
 
-    from .integrations import lm_eval_model  # noqa: F401 - registers the `contrastive` model
-    from .integrations.lm_eval_tasks import STABLE_MC2_TASK, write_stable_mc2_task
+    from contrastive_decoding.integrations import lm_eval_model  # noqa: F401 - registers the `contrastive` model
+    from contrastive_decoding.integrations.lm_eval_tasks import STABLE_MC2_TASK, write_stable_mc2_task
 
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="contrastive-tasks-") as tasks:
         include = _option(args, "--include_path")
         if STABLE_MC2_TASK in _named_tasks(args):
@@ -95,9 +89,43 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # argparse's --help and usage errors
             code = exc.code
             return code if isinstance(code, int) else (0 if code is None else 1)
+        except ValueError as exc:
+            # The model's argument errors (some need the loaded model) and lm-eval's unknown tasks
+            # are the user's input: one line, not a traceback. Anything else is a bug: re-raised.
+            if not str(exc).startswith(_ONE_LINE_ERRORS):
+                raise
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 2
         finally:
             sys.argv = saved
     return 0
+
+
+_ONE_LINE_ERRORS = ("--model_args", "Tasks not found")
+
+
+def _argument_problem(args: list[str]) -> str | None:
+    """What is wrong with lm-eval's arguments that can be told before anything loads (``None``:
+    nothing): ``--limit`` and, for ``--model contrastive``, the model arguments."""
+    limit = _option(args, "--limit")
+    if limit is not None:
+        try:
+            bad = not float(limit) > 0
+        except ValueError:
+            bad = True
+        if bad:
+            return f"--limit {limit}: give a positive number of samples per task (or a fraction in (0, 1))."
+    if _option(args, "--model") != "contrastive":
+        return None
+    from lm_eval.utils import simple_parse_args_string
+
+    from contrastive_decoding.integrations.lm_eval_model import check_model_args
+
+    try:
+        check_model_args(simple_parse_args_string(_option(args, "--model_args") or ""))
+    except ValueError as exc:
+        return " ".join(str(exc).split())
+    return None
 
 
 def _option(args: list[str], flag: str) -> str | None:

@@ -7,10 +7,23 @@ intervals; see ``eval/README.md`` and ``contrastive-decoding --help``.
 
 from __future__ import annotations
 
-from .benchmarks import BENCHMARKS, Benchmark, EvalContext, Metric, get_benchmark
-from .errors import DataError, EvalError
-from .runner import RunConfig, RunResult, run_eval
-from .strategies import PRESETS, STRATEGIES, StrategyEntry, StrategyRun, build_strategy, register
+from contrastive_decoding.eval.benchmarks import (
+    BENCHMARKS,
+    Benchmark,
+    EvalContext,
+    Metric,
+    get_benchmark,
+)
+from contrastive_decoding.eval.errors import DataError, EvalError
+from contrastive_decoding.eval.runner import RunConfig, RunResult, run_eval
+from contrastive_decoding.eval.strategies import (
+    PRESETS,
+    STRATEGIES,
+    StrategyEntry,
+    StrategyRun,
+    build_strategy,
+    register,
+)
 
 __all__ = [
     "BENCHMARKS",

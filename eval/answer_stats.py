@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EvalError
-from .markdown import markdown_grid
-from .records import item_files, read_records
-from .summary import load_summary
+from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.markdown import markdown_grid
+from contrastive_decoding.eval.summary import load_summary, run_records
 
 __all__ = ["answer_stats", "answer_stats_table"]
 
@@ -41,14 +40,14 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
         155
     """
     folder = Path(folder)
-    summary = load_summary(folder)
+    summary = load_summary(folder, folder_only=True, needs=("strategy_label", "n_items"))
     generation = summary.get("generation")
     if summary.get("task") != "generate" or not generation:
         raise EvalError(
             f"{folder}: {summary['benchmark']} is scored, not generated, so its runs hold no answers; "
             "give generation runs (tfqa-gen, strategyqa, gsm8k)."
         )
-    records = list(read_records(item_files(folder)).values())
+    records = list(run_records(folder, summary).values())
     if len(records) != summary["n_items"] or any("n_tokens" not in r for r in records):
         raise EvalError(
             f"{folder}: its items files do not hold the {summary['n_items']} records with token counts "

@@ -8,18 +8,18 @@ Examples::
     contrastive-decoding plot runs/tfqa-hf-* --metric mc1 --out plots
     accelerate launch -m contrastive_decoding.eval.cli eval --benchmark gsm8k ...
 
-User errors print one line (``error: ...``) and exit with status 2.
+User errors print one line (``error: ...``) and exit with status 2, having written nothing; Ctrl-C
+prints one line (``interrupted: ...``, with how to resume a run) and exits with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
-from .errors import EvalError
+from contrastive_decoding.eval.errors import EvalError, RunInterrupted
 
 __all__ = ["build_parser", "main"]
 
@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = _Parser(
         prog="contrastive-decoding", description="Evaluate layer-contrastive decoding strategies."
+    )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        metavar="MODULE",
+        help="a module name or .py file that registers strategies (register_strategy); repeatable, "
+        "before the command: its strategies become --strategy names (and lm-eval strategy= names)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -135,9 +143,9 @@ def _default_out(args) -> str:
 
 
 def _cmd_eval(args) -> int:
-    from .runner import RunConfig, run_eval
-    from .strategies import parse_params
-    from .summary import markdown_table
+    from contrastive_decoding.eval.runner import RunConfig, run_eval
+    from contrastive_decoding.eval.strategies import parse_params
+    from contrastive_decoding.eval.summary import markdown_table
 
     if args.threads is not None:
         if args.threads < 1:
@@ -189,27 +197,82 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_compare(args) -> int:
-    from .compare import compare_runs, comparison_table
+def _check_out_file(path: Path, option: str) -> None:
+    """Refuse an output file path that is a folder, lies in no folder, or cannot be written (before
+    anything is computed or written)."""
+    if path.is_dir():
+        raise EvalError(f"{option} {path}: is a folder; give a file path, e.g. {path / 'rows.json'}.")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise EvalError(f"{option} {path}: {parent} is a file, not a folder; give another path.")
+    if not parent.exists():
+        raise EvalError(f"{option} {path}: its folder {parent} does not exist; create it or choose another.")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise EvalError(f"{option} {path}: not writable; choose a path you can write to.")
+    import tempfile
 
-    rows = compare_runs(args.runs, args.bootstrap, args.seed)
-    print(comparison_table(rows), end="")
+    try:  # some places refuse writes whatever the permission bits say (os.access is true for root)
+        fd, probe = tempfile.mkstemp(prefix=".contrastive-decoding-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise EvalError(
+            f"{option} {path}: not writable ({exc.strerror or exc}); choose a path you can write to."
+        ) from None
+
+
+def _write_json_file(path: Path, rows, option: str) -> None:
+    from contrastive_decoding.eval.records import write_error
+    from contrastive_decoding.eval.summary import write_json_atomic
+
+    try:
+        write_json_atomic(path, rows)
+    except OSError as exc:
+        raise EvalError(f"{option} {write_error(path, exc, 'nothing was written')}") from None
+
+
+def _check_stats_options(args) -> None:
+    from contrastive_decoding.eval.runner import _check_int
+
+    _check_int("bootstrap", args.bootstrap, 100, "resamples")
+    _check_int("seed", args.seed, 0, "")
+
+
+def _cmd_compare(args) -> int:
+    from contrastive_decoding.eval.compare import compare_runs, comparison_table
+
+    _check_stats_options(args)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        _check_out_file(Path(args.json), "--json")
+    rows = compare_runs(args.runs, args.bootstrap, args.seed)
+    if args.json:
+        _write_json_file(Path(args.json), rows, "--json")
+    print(comparison_table(rows), end="")
     return 0
 
 
 def _cmd_plot(args) -> int:
-    from .plot import plot_layers, plot_metric
-    from .summary import load_summary
+    from contrastive_decoding.eval.plot import plot_layers, plot_metric
+    from contrastive_decoding.eval.runner import check_out_folder
+    from contrastive_decoding.eval.summary import load_summary
 
     out = Path(args.out)
-    metric = args.metric or next(iter(load_summary(Path(args.runs[0]))["metrics"]))
-    print(plot_metric(args.runs, metric, out / f"{metric}.png"))
+    check_out_folder(out, probe=True)
+    summaries = [load_summary(Path(run)) for run in args.runs]  # every run is read before drawing
+    metric = args.metric or next(iter(summaries[0]["metrics"]))
+    for run, summary in zip(args.runs, summaries, strict=True):
+        if metric not in summary["metrics"]:
+            raise EvalError(
+                f"--metric {metric}: {run} has no such metric; it has {', '.join(summary['metrics'])}."
+            )
     try:
-        print(plot_layers(args.runs, out / "premature_layers.png"))
-    except EvalError as exc:
-        print(f"no layer plot: {exc}")
+        print(plot_metric(args.runs, metric, out / f"{metric}.png"))
+        try:
+            print(plot_layers(args.runs, out / "premature_layers.png"))
+        except EvalError as exc:
+            print(f"no layer plot: {exc}")
+    except OSError as exc:
+        raise EvalError(f"--out {out}: cannot write the plots there ({exc.strerror or exc}).") from None
     return 0
 
 
@@ -217,8 +280,8 @@ def _finished_runs(runs: list[str]) -> list[Path]:
     """The run folders given, less those still in progress (or interrupted), each named on stderr:
     a table of a whole results tree leaves them out. A folder that is no run at all stays in, so
     that loading it reports the error."""
-    from .runner import RUN_FILE
-    from .summary import SUMMARY_JSON
+    from contrastive_decoding.eval.runner import RUN_FILE
+    from contrastive_decoding.eval.summary import SUMMARY_JSON
 
     finished = []
     for run in map(Path, runs):
@@ -230,7 +293,7 @@ def _finished_runs(runs: list[str]) -> list[Path]:
 
 
 def _cmd_table(args) -> int:
-    from .summary import load_summary, markdown_table
+    from contrastive_decoding.eval.summary import load_summary, markdown_table
 
     summaries = [load_summary(run) for run in _finished_runs(args.runs)]
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -239,15 +302,15 @@ def _cmd_table(args) -> int:
 
 
 def _cmd_answers(args) -> int:
-    from .answer_stats import answer_stats_table
+    from contrastive_decoding.eval.answer_stats import answer_stats_table
 
     print(answer_stats_table(_finished_runs(args.runs)), end="")
     return 0
 
 
 def _cmd_list(args) -> int:
-    from .benchmarks import BENCHMARKS
-    from .strategies import PRESETS, STRATEGIES
+    from contrastive_decoding.eval.benchmarks import BENCHMARKS
+    from contrastive_decoding.eval.strategies import PRESETS, STRATEGIES
 
     print("benchmarks:")
     for b in BENCHMARKS.values():
@@ -338,11 +401,34 @@ def _layer_list(text: str | None, option: str) -> list[int] | str | int | None:
             a, sep, b = part.strip().partition("-")
             layers += list(range(int(a), int(b) + 1)) if sep else [int(a)]
     except ValueError:
+        if option == "--dola-layers":
+            raise EvalError(
+                f"{option} {text!r}: give a bucket, high or low, one layer index (15) or layer indices "
+                "0,2,4 or a range 10-29."
+            ) from None
         raise EvalError(f"{option} {text!r}: write layer indices as 0,2,4 or a range 10-29.") from None
     return layers
 
 
+def _max_positions(model) -> int | None:
+    """The most positions the model reads (its position table or trained context), if it says."""
+    config = model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def _cmd_inspect(args) -> int:
+    from contrastive_decoding.eval.runner import (
+        RunConfig,
+        _check_torch_settings,
+        _resolve_device,
+        check_out_folder,
+    )
+
     from contrastive_decoding import layer_map, load_model
 
     _set_threads(args.threads)
@@ -352,11 +438,21 @@ def _cmd_inspect(args) -> int:
     bucket = _layer_list(args.dola_layers, "--dola-layers")
     if isinstance(bucket, list) and len(bucket) == 1:
         bucket = bucket[0]
+    _check_torch_settings(RunConfig(benchmark="", out="", dtype=args.dtype, device=args.device))
+    out = Path(args.out)
+    check_out_folder(out, probe=True)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=_resolve_device(args.device))
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise EvalError(f"--model {args.model}: cannot load it ({first[:300]}).") from None
+    positions = _max_positions(model)
+    n_tokens = len(tokenizer(args.text)["input_ids"]) if args.text else 0
+    if positions is not None and n_tokens > positions:
+        raise EvalError(
+            f"--text: {n_tokens} tokens, more than the model's {positions} positions; shorten the text "
+            f"to at most {positions} tokens."
+        )
     try:
         result = layer_map(
             model,
@@ -375,13 +471,17 @@ def _cmd_inspect(args) -> int:
                              ("`text`", "--text")):
             message = message.replace(name, option)
         raise EvalError(message) from None
-    for kind, path in result.write(args.out).items():
+    try:
+        written = result.write(out)
+    except OSError as exc:
+        raise EvalError(f"--out {out}: cannot write the map there ({exc.strerror or exc}).") from None
+    for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
 
 
 def _cmd_tune(args) -> int:
-    from .tune import TuneConfig, run_tune, tune_markdown
+    from contrastive_decoding.eval.tune import TuneConfig, run_tune, tune_markdown
 
     _set_threads(args.threads)
     cfg = TuneConfig(
@@ -413,12 +513,14 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    from .length_bias import analyze_runs, length_bias_table
+    from contrastive_decoding.eval.length_bias import analyze_runs, length_bias_table
 
-    rows = analyze_runs(args.runs, limit=args.limit)
-    print(length_bias_table(rows), end="")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        _check_out_file(Path(args.json), "--json")
+    rows = analyze_runs(args.runs, limit=args.limit)
+    if args.json:
+        _write_json_file(Path(args.json), rows, "--json")
+    print(length_bias_table(rows), end="")
     return 0
 
 
@@ -427,16 +529,26 @@ def _cmd_lm_eval_tasks(args) -> int:
 
     if not lm_eval_available():
         raise EvalError(INSTALL_HINT)
+    from contrastive_decoding.eval.runner import check_out_folder
+
     from contrastive_decoding.integrations.lm_eval_tasks import STABLE_MC2_TASK, write_stable_mc2_task
 
+    check_out_folder(Path(args.folder), probe=True, option="DIR")
+    if args.data is not None and not Path(args.data).is_file():
+        raise EvalError(
+            f"--data {args.data}: is not a file; give TruthfulQA's multiple_choice validation split as "
+            "JSON lines (or leave --data out to read the Hub's copy)."
+        )
     try:
         yaml = write_stable_mc2_task(args.folder, args.data)
-    except NotADirectoryError as exc:
-        raise EvalError(f"DIR: {exc}") from None
+    except ValueError as exc:  # the data file's fields
+        raise EvalError(f"--data {args.data}: {exc}") from None
+    except NotADirectoryError:
+        raise EvalError(f"DIR {args.folder}: is a file; give a folder for lm-eval's tasks.") from None
     except FileNotFoundError as exc:
-        raise EvalError(f"--data: {exc}" if args.data else str(exc)) from None
+        raise EvalError(str(exc)) from None
     except OSError as exc:  # e.g. a folder that cannot be written
-        raise EvalError(f"DIR {args.folder}: {exc}") from None
+        raise EvalError(f"DIR {args.folder}: cannot write there ({exc.strerror or exc}).") from None
     print(f"wrote {yaml}; run lm-eval with --include_path {args.folder} --tasks {STABLE_MC2_TASK}")
     return 0
 
@@ -455,9 +567,41 @@ _COMMANDS = {
 }
 
 
+def _import_strategies(argv: list[str]) -> list[str]:
+    """Import the modules named by leading ``--import`` options; the rest of ``argv``.
+
+    They register their strategies in this process. Processes started otherwise (``lm_eval`` or
+    ``accelerate launch`` workers) read the environment variable ``CONTRASTIVE_DECODING_STRATEGIES``
+    instead (see :mod:`contrastive_decoding.strategies`).
+    """
+    imports = []
+    while argv and (argv[0] == "--import" or argv[0].startswith("--import=")):
+        if argv[0] == "--import":
+            if len(argv) < 2:
+                raise EvalError("--import needs a module name or a .py file that registers strategies.")
+            imports.append(argv[1])
+            argv = argv[2:]
+        else:
+            imports.append(argv[0].split("=", 1)[1])
+            argv = argv[1:]
+    if imports:
+        from contrastive_decoding.strategies import load_strategy_modules
+
+        try:
+            load_strategy_modules(imports)
+        except ValueError as exc:
+            raise EvalError(f"--import: {exc}") from None
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 2 user error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        argv = _import_strategies(argv)
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if argv and argv[0] == "lm-eval":  # every later argument goes to lm-eval's own CLI, unchanged
         from contrastive_decoding.lm_eval import main as lm_eval_main
 
@@ -475,6 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:  # Ctrl-C in a run: what is recorded, and how to resume
+        print(f"\ninterrupted: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C).", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

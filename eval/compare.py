@@ -6,19 +6,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EvalError
-from .markdown import markdown_grid
-from .records import item_files, read_records
-from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap
-from .summary import load_summary
+from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.markdown import markdown_grid
+from contrastive_decoding.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap
+from contrastive_decoding.eval.summary import load_summary, run_records
 
 __all__ = ["compare_runs", "comparison_table"]
 
 
 def _run(folder: Path) -> tuple[dict[str, Any], dict[Any, dict[str, Any]]]:
-    summary = load_summary(folder)
-    records = read_records(item_files(folder))
-    return summary, records
+    summary = load_summary(folder, folder_only=True)
+    return summary, run_records(folder, summary)
 
 
 def compare_runs(
@@ -53,7 +51,8 @@ def compare_runs(
                 f"{path}: benchmark {summary['benchmark']} differs from the reference's "
                 f"({ref_summary['benchmark']}); compare runs of one benchmark."
             )
-        ref_sha, sha = ref_summary["data"].get("sha256"), summary["data"].get("sha256")
+        ref_sha = (ref_summary.get("data") or {}).get("sha256")
+        sha = (summary.get("data") or {}).get("sha256")
         if ref_sha and sha and ref_sha != sha:
             raise EvalError(
                 f"{path}: its data file differs from the reference's (sha256); items do not pair."

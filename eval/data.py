@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from contrastive_decoding.eval.errors import DataError
 
 __all__ = [
     "DataSource",

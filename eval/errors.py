@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DataError", "EvalError", "NonFiniteScoreError", "RunLockedError"]
+__all__ = ["DataError", "EvalError", "NonFiniteScoreError", "RunInterrupted", "RunLockedError"]
 
 
 class EvalError(Exception):
@@ -30,3 +30,9 @@ class NonFiniteScoreError(EvalError):
         super().__init__(f"rows {rows}: {detail}")
         self.rows = rows
         self.detail = detail
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (a ``KeyboardInterrupt``, so code that catches that still does):
+    the message says how many items are recorded and how to resume. The CLI prints it as one line
+    and exits with 130."""

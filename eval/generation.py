@@ -6,7 +6,9 @@ once (:class:`~contrastive_decoding.PromptCache`) and each row is the primer, th
 left-padded after it: only those run at prefill, which on 8-shot GSM8K is a tenth of the prompt.
 Positions come from the attention mask, so a row's tokens sit where they would alone. Each row's
 text is cut at the first stop string; the premature layers a strategy used are counted over the
-tokens that were kept.
+tokens that were kept. Rows stop early with transformers' ``StopStringCriteria``; for a tokenizer
+whose vocabulary it cannot read, each row's generated text is decoded and searched instead
+(:class:`DecodedTextStop`; the same rows stop at the same tokens, only slower).
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteriaList, StopStringCriteria
+from contrastive_decoding.eval.strategies import StrategyRun
+from transformers import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from contrastive_decoding import PromptCache
-from contrastive_decoding.cache_names import cache_argument
-from contrastive_decoding.readout import LayerReadout
-from contrastive_decoding.sources import reads_whole_prompt
+from contrastive_decoding.backends.hf.cache_names import cache_argument
+from contrastive_decoding.backends.hf.readout import LayerReadout
+from contrastive_decoding.backends.hf.sources import reads_whole_prompt
 
-from .strategies import StrategyRun
-
-__all__ = ["Generated", "generate_batch", "input_device"]
+__all__ = ["DecodedTextStop", "Generated", "generate_batch", "input_device"]
 
 
 @dataclass
@@ -60,6 +61,38 @@ def _cut(text: str, stop: Sequence[str]) -> tuple[str, bool]:
         if 0 <= pos < cut:
             cut = pos
     return text[:cut], cut < len(text)
+
+
+class DecodedTextStop(StoppingCriteria):
+    """Stop each row once its generated text (decoded from ``start`` on) holds a stop string.
+
+    The fallback for tokenizers whose vocabulary ``StopStringCriteria`` cannot map to text (it
+    raises while reading it, e.g. for tokens that decode with spaces between them).
+
+    Args:
+        tokenizer: decodes the generated ids.
+        stop: the stop strings.
+        start: the first generated position (the prompt's padded length).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], start: int) -> None:
+        self.tokenizer, self.stop, self.start = tokenizer, list(stop), start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = [
+            any(s in self.tokenizer.decode(row, skip_special_tokens=True) for s in self.stop)
+            for row in input_ids[:, self.start :].tolist()
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _stop_criteria(tokenizer, stop: Sequence[str], start: int) -> StoppingCriteria:
+    try:
+        return StopStringCriteria(tokenizer, list(stop))
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError, NotImplementedError):
+        # transformers maps every vocabulary token to its text first, and some tokenizers defeat
+        # that (tokens decoded with spaces between them: "substring not found").
+        return DecodedTextStop(tokenizer, stop, start)
 
 
 def _kept_tokens(tokenizer, ids: list[int], stop: Sequence[str]) -> int:
@@ -139,7 +172,8 @@ def generate_batch(
     if stop:
         # Built here rather than with `stop_strings=`: generate drops its `tokenizer` argument when
         # `custom_generate` is a callable, so stop strings could not be resolved there.
-        kwargs["stopping_criteria"] = StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))])
+        start = enc["input_ids"].shape[1]
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_stop_criteria(tokenizer, stop, start)])
     out = model.generate(**enc, **kwargs, **strategy.generate_kwargs)
     sequences = out["sequences"] if not isinstance(out, torch.Tensor) else out
     layers = None if isinstance(out, torch.Tensor) else out.get("premature_layers")

@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .errors import DataError, EvalError
-from .markdown import markdown_grid
-from .records import item_files, read_records
-from .summary import load_summary
+from contrastive_decoding.eval.errors import DataError, EvalError
+from contrastive_decoding.eval.markdown import markdown_grid
+from contrastive_decoding.eval.records import item_files, read_records
+from contrastive_decoding.eval.summary import load_summary, run_records
 
 __all__ = [
     "Question",
@@ -145,7 +144,7 @@ def within_item_correlation(groups: Sequence[tuple[Sequence[float], Sequence[flo
 
 
 def _tfqa_hf(item: dict, record: dict | None) -> Question:
-    from .benchmarks.truthfulqa_mc import hf_prompt
+    from contrastive_decoding.eval.benchmarks.truthfulqa_mc import hf_prompt
 
     q = Question(item["id"], hf_prompt(item["question"]), [" " + c for c in item["mc1"]], 0)
     if record is not None:
@@ -154,7 +153,7 @@ def _tfqa_hf(item: dict, record: dict | None) -> Question:
 
 
 def _tfqa_dola(item: dict, record: dict | None) -> Question:
-    from .benchmarks.truthfulqa_mc import dola_prompt
+    from contrastive_decoding.eval.benchmarks.truthfulqa_mc import dola_prompt
 
     # MC1 compares the best answer with the false ones (evaluate_dola scores the best answer among
     # the true ones, appended when the file does not list it there).
@@ -203,7 +202,7 @@ def _load_tokenizer(model: str):
     """The tokenizer of a run's ``--model`` (the weights are not loaded)."""
     from transformers import AutoTokenizer
 
-    from contrastive_decoding.loading import DEFAULT_MODEL, embedded_model_file
+    from contrastive_decoding.backends.hf.loading import DEFAULT_MODEL, embedded_model_file
 
     try:
         if model == DEFAULT_MODEL:
@@ -224,9 +223,9 @@ def _load_tokenizer(model: str):
 
 def _data_items(summary: dict, folder: Path) -> list[dict]:
     """The benchmark's items from the data the run used (its file, checked by sha256)."""
-    from .benchmarks import get_benchmark
-    from .data import ResolvedData, _sha256, resolve_data
-    from .runner import load_items
+    from contrastive_decoding.eval.benchmarks import get_benchmark
+    from contrastive_decoding.eval.data import ResolvedData, _sha256, resolve_data
+    from contrastive_decoding.eval.runner import load_items
 
     benchmark = get_benchmark(summary["benchmark"])
     data = summary.get("data") or {}
@@ -266,14 +265,14 @@ def run_questions(folder: str | Path) -> tuple[dict[str, Any], dict[Any, Questio
             data that does not match the run.
     """
     folder = Path(folder)
-    summary = load_summary(folder)
+    summary = load_summary(folder, folder_only=True)
     name = summary["benchmark"]
     if summary.get("task") != "score" or name not in _BUILDERS:
         raise EvalError(
             f"{folder}: a {name} run is not multiple choice; analyze takes runs of "
             f"{', '.join(_BUILDERS)} (for generation runs use `contrastive-decoding answers`)."
         )
-    records = read_records(item_files(folder))
+    records = run_records(folder, summary)
     items = {item["id"]: item for item in _data_items(summary, folder)}
     missing = [i for i in records if i not in items]
     if missing:
@@ -290,7 +289,7 @@ def run_questions(folder: str | Path) -> tuple[dict[str, Any], dict[Any, Questio
 
 def token_lengths(tokenizer: Any, question: Question) -> list[int]:
     """The number of tokens scored for each answer (as ``score_continuations`` tokenizes)."""
-    from contrastive_decoding.scoring import _tokenize
+    from contrastive_decoding.backends.hf.scoring import _tokenize
 
     _, conts = _tokenize(tokenizer, question.prompt, question.answers)
     return [len(c) for c in conts]

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import EvalError
-from .summary import load_summary
+from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.summary import load_summary
 
 __all__ = ["plot_layers", "plot_metric"]
 

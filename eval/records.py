@@ -9,14 +9,23 @@ run folder for as long as a run writes there. An unsharded run holds the folder'
 exclusively; each shard holds it shared (so shards run side by side) plus its own shard's lock
 exclusively. The kernel drops the locks when the process ends, however it ends (kill -9 too), so
 a lock file left behind never blocks a resume.
+
+Every record names its run: ``run_id`` (:data:`RUN_ID_FIELD`) is a short hash of the run's
+``identity`` (:func:`run_id`; the settings ``run.json`` holds), so that a folder's records are
+adopted only by the run that wrote them, even when ``run.json`` is gone. Records written before the
+field existed have none; :func:`record_runs` reports them as ``None`` (trusted on ``run.json``'s
+word, refused without it).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -26,22 +35,76 @@ try:
 except ImportError:  # Windows: no flock; runs go unlocked there
     fcntl = None  # type: ignore[assignment]
 
-from .errors import EvalError, RunLockedError
+from contrastive_decoding.eval.errors import EvalError, RunLockedError
 
 __all__ = [
     "FOLDER_LOCK",
+    "RUN_ID_FIELD",
     "RecordWriter",
     "RunLock",
     "item_files",
     "non_finite_values",
     "read_records",
+    "record_runs",
     "repair_tail",
+    "run_id",
     "shard_lock_name",
+    "write_error",
 ]
 
 #: The run folder's lock file (hidden, never a result; ``.gitignore`` covers the pattern
 #: ``.contrastive-decoding*.lock``).
 FOLDER_LOCK = ".contrastive-decoding.lock"
+
+
+#: The record field naming the run that wrote the record (see :func:`run_id`).
+RUN_ID_FIELD = "run_id"
+
+
+def run_id(identity: Mapping[str, Any]) -> str:
+    """A short, stable hash (16 hex digits) of a run's ``identity``: the settings that shape its
+    results (benchmark, model, dtype, strategy and parameters, protocol, generation settings,
+    judge, data hash), as ``run.json`` holds them. Key order does not matter.
+
+    Example:
+        >>> run_id({"strategy": "dola", "model": "m"}) == run_id({"model": "m", "strategy": "dola"})
+        True
+    """
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def record_runs(paths: Iterable[Path]) -> dict[Path, Counter]:
+    """Per records file, how many records each run id wrote (``None``: records written before
+    records named their run). Lines that are not JSON objects are left out, as in
+    :func:`read_records`."""
+    found: dict[Path, Counter] = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        counts: Counter = Counter()
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line) if line.strip() else None
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and "id" in record:
+                    counts[record.get(RUN_ID_FIELD)] += 1
+        if counts:
+            found[path] = counts
+    return found
+
+
+def write_error(path: Path, exc: OSError, kept: str = "") -> EvalError:
+    """A one-line error for a file that could not be written (a full disk says so)."""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        what = "the disk is full (no space left on the device)"
+        fix = "free some space and rerun the same command"
+    else:
+        what = f"cannot write it ({exc.strerror or exc})"
+        fix = "fix that and rerun the same command"
+    return EvalError(f"{path}: {what}; {kept + '; ' if kept else ''}{fix}.")
 
 
 def shard_lock_name(rank: int, world: int) -> str:
@@ -139,10 +202,28 @@ class RecordWriter:
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append one record; on a failed write (a full disk) the file is cut back to the records
+        before it, so that no partial line is left, and the ``OSError`` is raised."""
         line = json.dumps(record, ensure_ascii=False, allow_nan=True, separators=(",", ":")) + "\n"
-        self._file.write(line)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        start = os.fstat(self._file.fileno()).st_size  # every earlier line is flushed
+        try:
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError:
+            self._cut_back(start)
+            raise
+
+    def _cut_back(self, size: int) -> None:
+        try:
+            self._file.close()  # drops what is still buffered (its flush may fail again)
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, size)
+        except OSError:
+            pass  # repair_tail removes a cut line when the file is next opened
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()

@@ -31,20 +31,30 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import Benchmark, EvalContext, get_benchmark
-from .data import ResolvedData, load_hub_rows, resolve_data
-from .errors import DataError, EvalError, NonFiniteScoreError
-from .records import (
+from contrastive_decoding.eval.benchmarks import Benchmark, EvalContext, get_benchmark
+from contrastive_decoding.eval.data import ResolvedData, load_hub_rows, resolve_data
+from contrastive_decoding.eval.errors import DataError, EvalError, NonFiniteScoreError, RunInterrupted
+from contrastive_decoding.eval.records import (
+    RUN_ID_FIELD,
     RecordWriter,
     RunLock,
     item_files,
     lock_error,
     non_finite_values,
     read_records,
+    record_runs,
     repair_tail,
+    run_id,
+    write_error,
 )
-from .strategies import StrategyRun, build_strategy, check_on_model, check_strategy
-from .summary import SUMMARY_JSON, SUMMARY_MD, build_summary, write_json_atomic, write_summary
+from contrastive_decoding.eval.strategies import StrategyRun, build_strategy, check_on_model, check_strategy
+from contrastive_decoding.eval.summary import (
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    build_summary,
+    write_json_atomic,
+    write_summary,
+)
 
 __all__ = ["RunConfig", "RunResult", "check_out_folder", "load_items", "run_eval"]
 
@@ -204,26 +214,42 @@ def _check_torch_settings(cfg: RunConfig) -> None:
         )
 
 
-def check_out_folder(out: Path) -> None:
+def check_out_folder(out: Path, probe: bool = False, option: str = "--out") -> None:
     """Refuse an ``--out`` that names a file, lies under a file, or cannot be written (before
-    anything loads; nothing is created here).
+    anything loads; nothing is left behind here).
+
+    Args:
+        out: the output folder.
+        probe: also create and remove an empty folder in the nearest existing one, for places that
+            refuse writes whatever the permission bits say (``os.access`` is always true for root).
+        option: the option named in the message.
 
     Raises:
-        EvalError: naming ``--out`` and the fix.
+        EvalError: naming the option and the fix.
     """
     if out.exists() and not out.is_dir():
         raise EvalError(
-            f"--out {out}: is a file, not a folder; give a folder path (it is created if absent)."
+            f"{option} {out}: is a file, not a folder; give a folder path (it is created if absent)."
         )
     existing = out
     while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
         raise EvalError(
-            f"--out {out}: {existing} is a file, so no folder can be made under it; give a folder path."
+            f"{option} {out}: {existing} is a file, so no folder can be made under it; give a folder path."
         )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise EvalError(f"--out {out}: {existing} is not writable; choose a folder you can write to.")
+        raise EvalError(f"{option} {out}: {existing} is not writable; choose a folder you can write to.")
+    if probe:
+        import tempfile
+
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".contrastive-decoding-probe-", dir=existing))
+        except OSError as exc:
+            raise EvalError(
+                f"{option} {out}: {existing} is not writable ({exc.strerror or exc}); choose a folder you "
+                "can write to."
+            ) from None
 
 
 def _rank_and_world(cfg: RunConfig) -> tuple[int, int, int | None]:
@@ -313,26 +339,31 @@ def _strategy_label(cfg: RunConfig) -> str:
     return f"{cfg.strategy}[{inner}]"
 
 
-def _check_run_file(out: Path, identity: dict, replaceable: bool) -> bool:
-    """Whether ``run.json`` is to be written: absent, or (``replaceable``: no record depends on
-    it and no other process shares the folder) left by a run that failed before its first item.
+def _check_run_file(out: Path, identity: dict, replaceable: bool) -> tuple[bool, dict | None]:
+    """Whether ``run.json`` is to be written (absent, or, ``replaceable``: no record depends on
+    it and no other process shares the folder, left by a run that failed before its first item),
+    and the identity it holds when it matches this run's (``None``: absent or replaced).
 
     Raises:
         EvalError: the folder holds records made with other settings, or an unreadable run.json.
     """
     path = out / RUN_FILE
     if not path.is_file():
-        return True
+        return True, None
     try:
         with open(path, encoding="utf-8") as f:
             previous = json.load(f).get("identity", {})
-    except (ValueError, AttributeError):
+        if not isinstance(previous, dict):
+            raise ValueError("identity is not an object")
+    except (ValueError, AttributeError, UnicodeDecodeError):
         if replaceable:
-            return True
+            return True, None
         raise EvalError(
             f"--out {out}: {RUN_FILE} is not a run's settings file, yet the folder holds records; use "
             "another --out folder, or restore that file."
         ) from None
+    except OSError as exc:
+        raise EvalError(f"--out {out}: cannot read {RUN_FILE} ({exc.strerror or exc}).") from None
     diffs = [k for k in identity if previous.get(k) != json.loads(json.dumps(identity[k]))]
     if diffs and not replaceable:
         k = diffs[0]
@@ -340,7 +371,37 @@ def _check_run_file(out: Path, identity: dict, replaceable: bool) -> bool:
             f"--out {out}: holds a run with other settings ({k}: {previous.get(k)!r} there, "
             f"{identity[k]!r} now); use another --out folder or delete that one."
         )
-    return bool(diffs)
+    return bool(diffs), None if diffs else previous
+
+
+def _check_records_are_ours(out: Path, identity: dict, vouched: dict | None) -> None:
+    """Refuse records in ``out`` that another run wrote.
+
+    A record names its run (``run_id``). Records without that field were written before records
+    named their run: they are this run's when ``run.json`` (``vouched``: its identity, matching
+    this run's) says so, and are refused without it.
+
+    Raises:
+        EvalError: naming the records file, and how to proceed.
+    """
+    accepted = {run_id(identity)}
+    if vouched is not None:
+        accepted.add(run_id(vouched))  # the same settings, as an earlier version recorded them
+    for path, counts in record_runs(item_files(out)).items():
+        foreign = {k: n for k, n in counts.items() if k is not None and k not in accepted}
+        if foreign:
+            other, n = next(iter(foreign.items()))
+            raise EvalError(
+                f"--out {out}: {path.name} holds {n} record(s) of another run (run_id {other}; this "
+                f"run's is {run_id(identity)}), made with other settings; rerun that run's own command "
+                "to finish it, or use another --out folder for this one."
+            )
+        if None in counts and vouched is None:
+            raise EvalError(
+                f"--out {out}: {path.name} holds {counts[None]} record(s) that do not name their run "
+                f"(written before records carried a run_id) and no {RUN_FILE} says whose they are; "
+                f"restore that run's {RUN_FILE} to resume it, or use another --out folder for this run."
+            )
 
 
 def _load_model(cfg: RunConfig, local_rank: int | None, argument: str = "--model"):
@@ -365,7 +426,7 @@ def _load_model(cfg: RunConfig, local_rank: int | None, argument: str = "--model
 def _load_judge(cfg: RunConfig, local_rank: int | None):
     if not cfg.judge:
         return None
-    from .judge import Judge
+    from contrastive_decoding.eval.judge import Judge
 
     truth_model, truth_tok = _load_model(
         RunConfig(
@@ -416,7 +477,8 @@ def run_eval(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> RunRes
     Raises:
         EvalError: bad settings, data or model (one line naming the argument and the fix), a run
             folder another process writes (:class:`~contrastive_decoding.eval.errors.RunLockedError`),
-            or an item whose scores are not finite.
+            records of another run in the folder, an item whose scores are not finite, or a full disk.
+        RunInterrupted: Ctrl-C (a ``KeyboardInterrupt``); says how many items are recorded.
     """
     benchmark = get_benchmark(cfg.benchmark)
     _check_config(cfg, benchmark)
@@ -445,9 +507,23 @@ def run_eval(cfg: RunConfig, model: Any = None, tokenizer: Any = None) -> RunRes
             return _run_locked(
                 cfg, benchmark, base_name, params, resolved, items, lock, trace, model, tokenizer
             )
-        except BaseException:
+        except BaseException as exc:
             _take_back(out, trace, lock)
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+                raise _interrupted(out, [it["id"] for it in items]) from None
             raise
+
+
+def _interrupted(out: Path, ids: list) -> RunInterrupted:
+    """What a Ctrl-C left: the items recorded (every record is complete and synced) and how to go on."""
+    records = read_records(item_files(out)) if out.is_dir() else {}
+    done = sum(1 for i in ids if i in records)
+    if not done:
+        return RunInterrupted(f"no item was recorded in {out}; rerun the same command to start again.")
+    return RunInterrupted(
+        f"{done} of {len(ids)} items are recorded in {out}; rerun the same command to resume (recorded "
+        "items are not redone)."
+    )
 
 
 @dataclass
@@ -488,6 +564,7 @@ def _run_locked(
     identity = _identity(cfg, benchmark, strategy, resolved, gen)
     settings = {
         "identity": identity,
+        "run_id": run_id(identity),  # what each of its records carries
         "model": cfg.model,
         "dtype": cfg.dtype,
         "device": cfg.device_map and f"device_map={cfg.device_map}" or str(_resolve_device(cfg.device)),
@@ -507,8 +584,14 @@ def _run_locked(
     own_file = _items_file(out, rank, world)
     repair_tail(own_file)  # a kill mid-write leaves a cut last line in this shard's own file
     done = read_records(item_files(out))
-    if _check_run_file(out, identity, replaceable=lock.alone and not done):
-        write_json_atomic(out / RUN_FILE, settings)
+    write_settings, vouched = _check_run_file(out, identity, replaceable=lock.alone and not done)
+    _check_records_are_ours(out, identity, vouched)
+    if write_settings:
+        try:
+            write_json_atomic(out / RUN_FILE, settings)
+        except OSError as exc:
+            kept = "the records already there are kept" if done else "nothing was recorded"
+            raise write_error(out / RUN_FILE, exc, kept) from None
         trace.files.append(out / RUN_FILE)
     if not all(i in done for i in ids):
         # A summary from an earlier, smaller target must not describe this unfinished one.
@@ -528,10 +611,10 @@ def _run_locked(
     size = (cfg.batch_size or benchmark.batch_size) if benchmark.task == "generate" else 1
     if not own_file.exists():
         trace.files.append(own_file)
-    _run_shard(benchmark, ctx, mine, done, own_file, size, cfg.progress, rank, cfg.strategy)
+    _run_shard(benchmark, ctx, mine, done, own_file, size, cfg.progress, rank, cfg.strategy, run_id(identity))
 
     # No barrier: whichever shard finds every item recorded writes the summary (atomically).
-    return _finish(out, benchmark, ids, settings, cfg)
+    return _finish(out, benchmark, ids, settings, cfg, vouched)
 
 
 def _non_finite_error(strategy: str, benchmark: Benchmark, ids: list, detail: str) -> EvalError:
@@ -556,7 +639,7 @@ def _evaluate_checked(benchmark: Benchmark, ctx: EvalContext, batch: list[dict],
     return records
 
 
-def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank, strategy="") -> None:
+def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank, strategy="", rid=None) -> None:
     from tqdm.auto import tqdm
 
     todo = [b for b in _batches(mine, size) if not all(it["id"] in done for it in b)]
@@ -582,17 +665,29 @@ def _run_shard(benchmark, ctx, mine, done, path, size, progress, rank, strategy=
                 if below_floor and len(records) == 1:  # scoring runs one item per batch
                     record["below_floor"] = below_floor
                 record["seconds"] = seconds
-                writer.write(record)
+                if rid is not None:  # which run wrote it, right after the item id
+                    record = {"id": record["id"], RUN_ID_FIELD: rid, **record}
+                try:
+                    writer.write(record)
+                except OSError as exc:
+                    kept = sum(1 for it in mine if it["id"] in done)
+                    raise write_error(
+                        path, exc, f"the {kept} item(s) recorded before are kept, nothing else was written"
+                    ) from None
                 done[record["id"]] = record
                 bar.update(1)
     bar.close()
 
 
-def _finish(out: Path, benchmark: Benchmark, ids: list, settings: dict, cfg: RunConfig) -> RunResult:
+def _finish(
+    out: Path, benchmark: Benchmark, ids: list, settings: dict, cfg: RunConfig, vouched: dict | None = None
+) -> RunResult:
     records = read_records(item_files(out))
     missing = [i for i in ids if i not in records]
     if missing:
         return RunResult(out, len(ids) - len(missing), len(ids), None)
+    # Shards of other settings may have written beside this one meanwhile.
+    _check_records_are_ours(out, settings["identity"], vouched or settings["identity"])
     for i in ids:  # records written before the harness checked scores can still hold a NaN
         found = non_finite_values(records[i])
         if found:
@@ -604,7 +699,10 @@ def _finish(out: Path, benchmark: Benchmark, ids: list, settings: dict, cfg: Run
                 "is written; delete that item's line to have it redone, or rerun into another --out."
             )
     summary = build_summary(benchmark, [records[i] for i in ids], settings, cfg.bootstrap, cfg.seed)
-    write_summary(out, summary)
+    try:
+        write_summary(out, summary)
+    except OSError as exc:
+        raise write_error(out / SUMMARY_JSON, exc, f"all {len(ids)} items are recorded and kept") from None
     return RunResult(out, len(ids), len(ids), summary)
 
 

@@ -1,18 +1,13 @@
-"""The decoding strategies the harness can run: a small registry, name -> factory.
+"""The strategies the harness runs: the library's registry, plus the plain model.
 
-A factory takes the loaded model (and its tokenizer) and the user's parameters and returns a
-:class:`StrategyRun`: the object that scores continuations (``None`` for the plain model) and the
-keyword arguments that make ``model.generate`` decode with the strategy. Adding a strategy class
-of the library is ONE entry, e.g. the one below for LayerCake::
+Every strategy registered with :func:`contrastive_decoding.register_strategy` (the library's and
+any a user registers) is a ``--strategy`` name here, with its presets, and its ``--param`` names,
+defaults and kinds read from the class's one declaration (its ``__init__``). The harness adds only
+what is its own: ``baseline`` (the plain model), ``cd``'s amateur given by name and loaded here,
+and :class:`StrategyRun`, a strategy bound to one loaded model. Generation runs the library's
+generic loop (:func:`contrastive_decoding.contrast_generate`) on the very object used for scoring.
 
-    register(StrategyEntry.for_class("layercake", LayerCake))
-
-``for_class`` reads the parameter names and defaults from the class's ``__init__``, so
-``--param`` is validated against them. Generation runs the library's generic loop
-(:func:`contrastive_decoding.contrast_generate`) on the very object used for scoring (with the
-tokenizer as token classifier for strategies with degraded streams); an entry may name its own
-``custom_generate`` callable instead (``generate=dola_generate``), which then receives the
-parameters given by the user as keywords.
+``register(StrategyEntry(...))`` still adds a harness-only entry (e.g. one with its own factory).
 """
 
 from __future__ import annotations
@@ -21,31 +16,26 @@ import inspect
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from contrastive_decoding.eval.errors import EvalError, NonFiniteScoreError
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from contrastive_decoding import (
-    SLED,
-    ActivationDecoding,
-    AutoContrastive,
-    ContrastiveDecoding,
-    DeCo,
-    DoLa,
-    InducedContrast,
-    LayerCake,
-    LowerLayerFusion,
-    VistaLogits,
-    contrast_generate,
-    load_model,
+from contrastive_decoding.backends.hf.amateur import check_same_vocabulary
+from contrastive_decoding.backends.hf.generation import contrast_generate
+from contrastive_decoding.backends.hf.loading import load_model
+from contrastive_decoding.backends.hf.sources import ContrastSources
+from contrastive_decoding.strategies import (
+    StrategyInfo,
+    get_strategy,
+    presets,
+    registered_strategies,
+    resolve_strategy,
 )
-from contrastive_decoding.amateur import check_same_vocabulary
-from contrastive_decoding.sources import ContrastSources
-
-from .errors import EvalError, NonFiniteScoreError
+from contrastive_decoding.strategies.amateur_cd import ContrastiveDecoding
 
 __all__ = [
     "PRESETS",
@@ -124,7 +114,8 @@ class StrategyEntry:
             repetition_penalty: default generation repetition penalty (DoLa's authors: 1.2).
             description: one line for listings.
         """
-        defaults = _init_defaults(strategy_class)
+        declared = StrategyInfo(name, strategy_class)
+        defaults = declared.defaults
 
         def factory(model, tokenizer=None, **params: Any) -> StrategyRun:
             try:
@@ -157,48 +148,19 @@ class StrategyEntry:
             factory,
             defaults,
             description or (strategy_class.__doc__ or "").strip().split("\n")[0],
-            kinds=_init_kinds(strategy_class),
+            kinds=declared.kinds,
             check=check,
         )
 
-
-_NUMBER_TYPES = {"int", "float"}
-
-
-def _annotation_kind(annotation: Any) -> str | None:
-    """``"number"``, ``"int"`` or ``"bool"`` (``"?"`` appended when ``None`` is allowed) for an
-    annotation made of those types only, e.g. ``"float | None"``; ``None`` for anything else."""
-    if annotation is inspect.Parameter.empty:
-        return None
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    names = set(re.findall(r"[A-Za-z_][\w.]*", text.replace("Optional", "None")))
-    nullable = "?" if "None" in names else ""
-    names.discard("None")
-    if names == {"bool"}:
-        return "bool" + nullable
-    if names == {"int"}:
-        return "int" + nullable
-    if names and names <= _NUMBER_TYPES:
-        return "number" + nullable
-    return None
-
-
-def _init_kinds(strategy_class: type) -> dict[str, str]:
-    out = {}
-    for pname, p in inspect.signature(strategy_class.__init__).parameters.items():
-        kind = _annotation_kind(p.annotation)
-        if pname != "self" and kind is not None:
-            out[pname] = kind
-    return out
-
-
-def _init_defaults(strategy_class: type) -> dict[str, Any]:
-    out = {}
-    for pname, p in inspect.signature(strategy_class.__init__).parameters.items():
-        if pname == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        out[pname] = None if p.default is inspect.Parameter.empty else p.default
-    return out
+    @classmethod
+    def for_info(cls, info: StrategyInfo) -> StrategyEntry:
+        """The entry of a strategy registered in the library."""
+        return cls.for_class(
+            info.name,
+            info.strategy_class,
+            repetition_penalty=info.repetition_penalty,
+            description=info.description,
+        )
 
 
 def _bound_generate(strategy, tokenizer=None) -> Callable[..., Any]:
@@ -285,80 +247,63 @@ def _baseline(model, tokenizer=None, **params: Any) -> StrategyRun:
     return StrategyRun("baseline", {}, None, {}, 1.0)
 
 
-STRATEGIES: dict[str, StrategyEntry] = {}
+# The harness's own entries: the plain model, and any registered with `register`.
+_OWN: dict[str, StrategyEntry] = {}
+
+
+class _Strategies(Mapping):
+    """Name -> entry: the library's registered strategies, then the harness's own (read live, so a
+    strategy registered after import is a ``--strategy`` name at once)."""
+
+    def _entries(self) -> dict[str, StrategyEntry]:
+        entries = {name: StrategyEntry.for_info(info) for name, info in registered_strategies().items()}
+        entries.update(_OWN)
+        return entries
+
+    def __getitem__(self, name: str) -> StrategyEntry:
+        if name in _OWN:
+            return _OWN[name]
+        return StrategyEntry.for_info(get_strategy(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    def __contains__(self, name: object) -> bool:
+        return name in _OWN or name in registered_strategies()
+
+
+class _Presets(Mapping):
+    """Preset name -> (strategy name, parameters): ``greedy`` and the library's presets."""
+
+    def _entries(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        return {"greedy": ("baseline", {}), **presets()}
+
+    def __getitem__(self, name: str) -> tuple[str, dict[str, Any]]:
+        return self._entries()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+
+STRATEGIES: Mapping[str, StrategyEntry] = _Strategies()
+
+#: Named shortcuts: ``--strategy dola-high`` = ``--strategy dola --param dola_layers=high``.
+PRESETS: Mapping[str, tuple[str, dict[str, Any]]] = _Presets()
 
 
 def register(entry: StrategyEntry) -> None:
-    """Add (or replace) a registry entry."""
-    STRATEGIES[entry.name] = entry
+    """Add (or replace) a harness-only entry; library strategies register with
+    :func:`contrastive_decoding.register_strategy` instead."""
+    _OWN[entry.name] = entry
 
 
 register(StrategyEntry("baseline", _baseline, {}, "the plain model: log-likelihood scoring, greedy decoding"))
-register(
-    StrategyEntry.for_class(
-        "dola",
-        DoLa,
-        description="DoLa (Chuang et al. 2024): contrast the final layer with the most divergent early exit",
-    )
-)
-
-register(
-    StrategyEntry.for_class(
-        "layercake",
-        LayerCake,
-        description="LayerCake (Zhu et al. 2025): contrast against attention-suppressed streams",
-    )
-)
-register(
-    StrategyEntry.for_class(
-        "vista",
-        VistaLogits,
-        description="VISTA self-logits augmentation (Li et al. 2025): mix late-layer exits into the logits",
-    )
-)
-register(
-    StrategyEntry.for_class(
-        "sled",
-        SLED,
-        description="SLED (Zhang et al. 2024): evolve the final logits toward a latent from all early exits",
-    )
-)
-register(
-    StrategyEntry.for_class(
-        "deco",
-        DeCo,
-        description="DeCo (Wang et al. 2024): add the most confident late-layer exit to the final logits",
-    )
-)
-register(
-    StrategyEntry.for_class(
-        "acd",
-        AutoContrastive,
-        description="ACD (Gera et al. 2023): mass-preserving contrast with one intermediate exit",
-    )
-)
-
-register(
-    StrategyEntry.for_class(
-        "icd",
-        InducedContrast,
-        description="ICD prompt-only (Zhang et al. 2023): contrast with the model told to give false answers",
-    )
-)
-register(
-    StrategyEntry.for_class(
-        "activation",
-        ActivationDecoding,
-        description="activation decoding (Chen et al. 2024): favour tokens the context is sharp about",
-    )
-)
-register(
-    StrategyEntry.for_class(
-        "lol",
-        LowerLayerFusion,
-        description="LOL-style fusion (Chen et al. 2024): final- and lower-layer contrasts with an amateur",
-    )
-)
 
 
 def _amateur_cd(model, tokenizer=None, amateur: str | None = None, **params: Any) -> StrategyRun:
@@ -375,33 +320,27 @@ def _amateur_cd(model, tokenizer=None, amateur: str | None = None, **params: Any
             check_same_vocabulary(model, amateur_model, tokenizer, amateur_tokenizer)
     except (OSError, TypeError, ValueError) as exc:
         raise EvalError(f"--strategy cd: {exc}") from None
-    full = {**_CD_DEFAULTS, **params, "amateur": amateur}
+    full = {**_cd_defaults(), **params, "amateur": amateur}
     generate = {"custom_generate": _bound_generate(strategy, tokenizer)}
     return StrategyRun("cd", _jsonable(full), strategy, generate, 1.0)
 
 
-_CD_DEFAULTS = {
-    "amateur": None,
-    **{k: v for k, v in _init_defaults(ContrastiveDecoding).items() if "amateur_" not in k},
-}
-_CD_DEFAULTS["amateur_temperature"] = 0.5
+def _cd_defaults() -> dict[str, Any]:
+    """cd's parameters in the harness: the amateur by name instead of a loaded model."""
+    declared = get_strategy("cd").defaults
+    loaded_here = ("amateur_model", "amateur_tokenizer")
+    return {"amateur": None, **{k: v for k, v in declared.items() if k not in loaded_here}}
+
+
 register(
     StrategyEntry(
         "cd",
         _amateur_cd,
-        _CD_DEFAULTS,
-        "contrastive decoding (Li et al. 2023): contrast with a smaller amateur model (--param amateur=...)",
-        kinds={k: v for k, v in _init_kinds(ContrastiveDecoding).items() if k in _CD_DEFAULTS},
+        _cd_defaults(),
+        get_strategy("cd").description,
+        kinds={k: v for k, v in get_strategy("cd").kinds.items() if k in _cd_defaults()},
     )
 )
-
-#: Named shortcuts: ``--strategy dola-high`` = ``--strategy dola --param dola_layers=high``.
-PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "greedy": ("baseline", {}),
-    "dola-high": ("dola", {"dola_layers": "high"}),
-    "dola-low": ("dola", {"dola_layers": "low"}),
-    "lol-prompt": ("lol", {"amateur": "prompt"}),
-}
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, Any]:
@@ -432,18 +371,23 @@ def parse_params(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def resolve_name(name: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The registry name and parameters behind a strategy or preset name (explicit params win).
+    """The registry name and parameters behind a strategy or preset name.
 
     Raises:
-        EvalError: an unknown name (the message lists the valid ones).
+        EvalError: an unknown name (the message lists the valid ones), or a parameter that
+            overrides the preset's own (the run would be labelled with the preset's name).
     """
-    if name in PRESETS:
-        base, preset = PRESETS[name]
-        return base, {**preset, **params}
-    if name in STRATEGIES:
+    if name in _OWN:
         return name, dict(params)
-    valid = ", ".join(sorted(STRATEGIES) + sorted(PRESETS))
-    raise EvalError(f"--strategy {name!r} is unknown; valid: {valid}.")
+    if name == "greedy":
+        return "baseline", dict(params)
+    try:
+        return resolve_strategy(name, params)
+    except KeyError:
+        valid = ", ".join(sorted(STRATEGIES) + sorted(PRESETS))
+        raise EvalError(f"--strategy {name!r} is unknown; valid: {valid}.") from None
+    except ValueError as exc:
+        raise EvalError(f"--strategy {name!r}: {exc}") from None
 
 
 def _non_finite(value: Any) -> bool:
@@ -536,7 +480,7 @@ def check_on_model(run: StrategyRun, model, tokenizer=None, given: Mapping[str, 
     """Resolve the strategy's layers, streams and amateur against ``model`` without running it.
 
     Layer indices and fractions can only be checked against a model's depth (``dola_layers=[99]``
-    on a 32-layer model); :class:`~contrastive_decoding.sources.ContrastSources` resolves and
+    on a 32-layer model); :class:`~contrastive_decoding.backends.hf.sources.ContrastSources` resolves and
     validates all of them before it attaches anything, so building one (and not entering it) is
     the check.
 

@@ -16,10 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import Benchmark
-from .errors import EvalError
-from .markdown import markdown_grid
-from .stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
+from contrastive_decoding.eval.benchmarks import Benchmark
+from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.markdown import markdown_grid
+from contrastive_decoding.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_mean
 
 __all__ = ["build_summary", "library_versions", "markdown_table", "write_json_atomic"]
 
@@ -48,22 +48,25 @@ def library_versions() -> dict[str, str | None]:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename; on failure (a full
+    disk) ``path`` is as it was and no temporary file is left."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 def metric_names(benchmark: Benchmark, records: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -182,14 +185,101 @@ def write_summary(out: Path, summary: Mapping[str, Any]) -> None:
     write_text_atomic(out / SUMMARY_MD, markdown_table([summary]))
 
 
-def load_summary(folder: Path) -> dict[str, Any]:
-    """The summary of a finished run folder.
+def run_records(folder: Path, summary: Mapping[str, Any]) -> dict[Any, dict[str, Any]]:
+    """A finished run's records by item id, refused when any names another run than the summary's.
+
+    Records written before records named their run (no ``run_id``) are taken as the run's own.
 
     Raises:
-        EvalError: no summary there (the run is unfinished or the path is wrong).
+        EvalError: a records file holds another run's records.
     """
-    path = folder / SUMMARY_JSON if folder.is_dir() else folder
+    from contrastive_decoding.eval.records import item_files, read_records, record_runs, run_id
+
+    folder = Path(folder)
+    identity = summary.get("identity")
+    if isinstance(identity, Mapping):
+        accepted = {run_id(identity)}
+        try:  # the same settings as an earlier version may have recorded them
+            with open(folder / "run.json", encoding="utf-8") as f:
+                settings = json.load(f)
+            if isinstance(settings, dict) and settings.get("identity") == json.loads(json.dumps(identity)):
+                accepted.add(run_id(settings["identity"]))
+        except (OSError, ValueError):
+            pass
+        for path, counts in record_runs(item_files(folder)).items():
+            foreign = [k for k in counts if k is not None and k not in accepted]
+            if foreign:
+                raise EvalError(
+                    f"{folder}: {path.name} holds records of another run (run_id {foreign[0]}; its "
+                    f"summary's run is {run_id(identity)}); rerun that run's eval command into a fresh "
+                    "--out folder."
+                )
+    return read_records(item_files(folder))
+
+
+#: What ``table``, ``compare`` and ``plot`` read from every summary.
+SUMMARY_KEYS = ("benchmark", "strategy_label", "n_items", "metrics")
+
+
+def _summary_problem(summary: Any, needs: Sequence[str]) -> str | None:
+    """What keeps ``summary`` from being a run's summary with the keys ``needs`` (``None``: nothing)."""
+    if not isinstance(summary, dict):
+        return f"holds a JSON {type(summary).__name__}, not a run's summary"
+    missing = [k for k in ("benchmark", *needs) if k not in summary]
+    if missing:
+        return f"is not a complete run summary (no {missing[0]!r})"
+    metrics = summary.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+        isinstance(m, dict) and all(isinstance(m.get(k), (int, float)) for k in ("mean", "ci_low", "ci_high"))
+        for m in metrics.values()
+    ):
+        return "is not a complete run summary (its metrics lack mean/ci_low/ci_high)"
+    return None
+
+
+def load_summary(
+    folder: Path, folder_only: bool = False, needs: Sequence[str] = SUMMARY_KEYS
+) -> dict[str, Any]:
+    """The summary of a finished run folder (or of its ``summary.json`` given itself, unless
+    ``folder_only``), holding at least the keys ``needs``.
+
+    Raises:
+        EvalError: no such folder, no summary there (the run is unfinished or the path is wrong), a
+            file that is no run's summary, or a summary that is truncated or incomplete; naming the
+            path and the fix.
+    """
+    folder = Path(folder)
+    given_file = folder.is_file()
+    if given_file and folder_only:
+        raise EvalError(
+            f"{folder}: is a file, not a run folder; give the folder that holds its {SUMMARY_JSON} and "
+            "items files."
+        )
+    if not folder.exists():
+        raise EvalError(f"{folder}: no such folder, so no {SUMMARY_JSON}; give a finished run's folder.")
+    path = folder if given_file else folder / SUMMARY_JSON
     if not path.is_file():
         raise EvalError(f"{folder}: no {SUMMARY_JSON}; the run is unfinished or this is not a run folder.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    not_a_run = (
+        f"{folder}: is a file, not a run folder nor a run's {SUMMARY_JSON}; give a finished run's folder."
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            summary = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        if given_file and path.name != SUMMARY_JSON:
+            raise EvalError(not_a_run) from None
+        raise EvalError(
+            f"{path}: is not valid JSON ({str(exc).splitlines()[0][:120]}: truncated or corrupt); rerun "
+            "the run's eval command to rewrite it (its records are kept)."
+        ) from None
+    except OSError as exc:
+        raise EvalError(f"{path}: cannot read it ({exc.strerror or exc}).") from None
+    problem = _summary_problem(summary, needs)
+    if problem:
+        if given_file and path.name != SUMMARY_JSON:
+            raise EvalError(not_a_run)
+        raise EvalError(
+            f"{path}: {problem}; rerun the run's eval command to rewrite it (its records are kept)."
+        )
+    return summary

@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .errors import EvalError
-from .markdown import markdown_grid
-from .records import RecordWriter, item_files, read_records
-from .stats import DEFAULT_RESAMPLES, bootstrap_mean, paired_bootstrap
+from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.markdown import markdown_grid
+from contrastive_decoding.eval.records import RecordWriter, item_files, read_records
+from contrastive_decoding.eval.stats import DEFAULT_RESAMPLES, bootstrap_mean, paired_bootstrap
 
 __all__ = [
     "Cell",
@@ -287,14 +286,48 @@ class TuneConfig:
     progress: bool = True
 
 
+def _as_baseline(exc: EvalError) -> EvalError:
+    """An error about the baseline strategy, naming ``--baseline`` (it is no ``--strategy`` here)."""
+    message = str(exc)
+    if message.startswith("--strategy"):
+        message = "--baseline" + message[len("--strategy") :]
+    return EvalError(message.replace("--param", "--baseline's parameter"))
+
+
+def _check_settings(cfg: TuneConfig) -> None:
+    """The settings that need neither data nor model, each naming its option."""
+    from contrastive_decoding.eval.runner import (
+        RunConfig,
+        _check_int,
+        _check_torch_settings,
+        check_out_folder,
+    )
+
+    if isinstance(cfg.folds, bool) or not isinstance(cfg.folds, int) or cfg.folds < 2:
+        raise EvalError(f"--folds {cfg.folds}: must be an integer >= 2 (each fold is held out once).")
+    limit = cfg.limit
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise EvalError(f"--limit must be a positive integer, got {cfg.limit}.")
+    _check_int("bootstrap", cfg.bootstrap, 100, "resamples")
+    _check_int("seed", cfg.seed, 0, "")
+    _check_torch_settings(
+        RunConfig(benchmark="", out="", dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map)
+    )
+    check_out_folder(Path(cfg.out), probe=True)
+
+
 def _check(cfg: TuneConfig, benchmark) -> tuple[list[Cell], str]:
-    from .runner import SCORING_PROTOCOLS
-    from .strategies import STRATEGIES, check_strategy, resolve_name
+    from contrastive_decoding.eval.runner import SCORING_PROTOCOLS
+    from contrastive_decoding.eval.strategies import STRATEGIES, check_strategy, resolve_name
 
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.report or ""):
         raise EvalError(f"--report {cfg.report!r}: use letters, digits, '.', '_' or '-' (a file name stem).")
     grid = parse_grid(cfg.grid)
     base, _ = resolve_name(cfg.strategy, {})
+    try:
+        check_strategy(cfg.baseline, {})
+    except EvalError as exc:
+        raise _as_baseline(exc) from None
     valid = list(STRATEGIES[base].defaults)
     for name, values in grid:
         if name == PROTOCOL_KEY:
@@ -336,12 +369,37 @@ def _check(cfg: TuneConfig, benchmark) -> tuple[list[Cell], str]:
     return cells, metric
 
 
+def _check_on_model(cfg: TuneConfig, cells: Sequence[Cell], model: Any, tokenizer: Any) -> None:
+    """Resolve the baseline and every cell against the loaded model (layer indices, streams,
+    amateurs), as each cell's run would, so that a bad cell stops the tuning before anything runs.
+
+    Raises:
+        EvalError: naming ``--baseline``, or ``--grid cell <label>`` and the parameter.
+    """
+    from contrastive_decoding.eval.strategies import build_strategy, check_on_model, check_strategy
+
+    def check(name: str, params: dict[str, Any]) -> None:
+        base, full = check_strategy(name, params)
+        run = build_strategy(model, base, full, tokenizer=tokenizer)
+        check_on_model(run, model, tokenizer, given=full)
+
+    try:
+        check(cfg.baseline, {})
+    except EvalError as exc:
+        raise _as_baseline(exc) from None
+    for cell in cells:
+        try:
+            check(cfg.strategy, cell.param_dict())
+        except EvalError as exc:
+            raise EvalError(f"--grid cell {cell.label}: {exc}") from None
+
+
 def _reusable(
     run: Path, benchmark: str, strategy: str, params: Mapping[str, Any], protocol: str | None, sha: str | None
 ) -> bool:
     """Whether a finished run's settings match a cell on what can be known without the model (the
     full check is run_eval's own, on resuming)."""
-    from .strategies import STRATEGIES, resolve_name
+    from contrastive_decoding.eval.strategies import STRATEGIES, resolve_name
 
     try:
         identity = json.loads((run / "run.json").read_text(encoding="utf-8"))["identity"]
@@ -396,14 +454,13 @@ def run_tune(cfg: TuneConfig, model: Any = None, tokenizer: Any = None) -> dict[
                                      grid="dola_layers=low,high,15", out="runs/tune-dola"))
         report["cv"]["mean"], [f["chosen"] for f in report["folds"]]
     """
-    from .benchmarks import get_benchmark
-    from .data import resolve_data
-    from .runner import RunConfig, _load_model, load_items, run_eval
+    from contrastive_decoding.eval.benchmarks import get_benchmark
+    from contrastive_decoding.eval.data import resolve_data
+    from contrastive_decoding.eval.runner import RunConfig, _load_model, load_items, run_eval
 
     benchmark = get_benchmark(cfg.benchmark)
     cells, metric = _check(cfg, benchmark)
-    if isinstance(cfg.folds, bool) or not isinstance(cfg.folds, int) or cfg.folds < 2:
-        raise EvalError(f"--folds {cfg.folds}: must be an integer >= 2 (each fold is held out once).")
+    _check_settings(cfg)
     reuse = [Path(r) for r in cfg.reuse]
     for r in reuse:
         if not (r / "run.json").is_file():
@@ -413,8 +470,6 @@ def run_tune(cfg: TuneConfig, model: Any = None, tokenizer: Any = None) -> dict[
     resolved = resolve_data(benchmark.source, benchmark.name, cfg.data, cfg.data_dir)
     items = load_items(benchmark, resolved)
     if cfg.limit is not None:
-        if cfg.limit < 1:
-            raise EvalError(f"--limit must be a positive integer, got {cfg.limit}.")
         items = items[: cfg.limit]
     ids = [it["id"] for it in items]
     folds = make_folds(ids, cfg.folds, cfg.seed)
@@ -432,6 +487,7 @@ def run_tune(cfg: TuneConfig, model: Any = None, tokenizer: Any = None) -> dict[
         model, tokenizer = _load_model(shell, None)
     elif tokenizer is None:
         raise ValueError("`tokenizer` is required when `model` is given")
+    _check_on_model(cfg, cells, model, tokenizer)  # layers vs the model's depth, before any run
 
     runs: list[tuple[str, Cell | None, Path, str, dict, str | None]] = [
         ("baseline", None, out / "baseline", cfg.baseline, {}, None)
@@ -485,13 +541,18 @@ def run_tune(cfg: TuneConfig, model: Any = None, tokenizer: Any = None) -> dict[
         }
 
     report = _report(cfg, benchmark, metric, cells, folds, ids, results)
-    _write_report(out, cfg.report, report)
+    try:
+        _write_report(out, cfg.report, report)
+    except OSError as exc:
+        from contrastive_decoding.eval.records import write_error
+
+        raise write_error(out / f"{cfg.report}.json", exc, "every cell's run is kept") from None
     return report
 
 
 def base_is_scored(strategy: str) -> bool:
     """Whether ``--protocol`` may be passed for this strategy (the plain model takes none)."""
-    from .strategies import resolve_name
+    from contrastive_decoding.eval.strategies import resolve_name
 
     return resolve_name(strategy, {})[0] != "baseline"
 
@@ -616,7 +677,7 @@ def tune_markdown(report: Mapping[str, Any]) -> str:
 
 
 def _write_report(out: Path, stem: str, report: dict[str, Any]) -> None:
-    from .summary import write_json_atomic, write_text_atomic
+    from contrastive_decoding.eval.summary import write_json_atomic, write_text_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / f"{stem}.json", report)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one command: the device-parametrised tests (DoLa, LayerCake, scoring, prompt
-# cache; tests/test_devices.py) on CUDA, with a processor step run under
+# cache; tests/backends/hf/test_devices.py) on CUDA, with a processor step run under
 # torch.cuda.set_sync_debug_mode("error"); then greedy vs every strategy in float32 and bfloat16
 # at batch 1 and 8 (scripts/bench_decoding.py --device cuda), which prints time and memory ratios.
 #
@@ -31,7 +31,7 @@ fi
 "$PY" -c "import torch; print('gpu_check:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
 status=0
 echo "== device-parametrised tests on CUDA (and the host-sync check)"
-"$PY" -m pytest -q -p no:cacheprovider tests/test_devices.py -k "cuda or never_waits" || status=1
+"$PY" -m pytest -q -p no:cacheprovider tests/backends/hf/test_devices.py -k "cuda or never_waits" || status=1
 model=smollm2
 if ! "$PY" -c "from contrastive_decoding import embedded_model_file; embedded_model_file()" >/dev/null 2>&1; then
   echo "gpu_check: the embedded SmolLM2 is not installed here; timing random weights of its shape."

@@ -246,3 +246,88 @@ def strategy_settings() -> dict:
         # No SLED part: its floor (-100) moves with its top-k set, which half precision can shift.
         "weighted": lambda amateur: WeightedContrast([(1.0, DoLa("high")), (0.5, InducedContrast())]),
     }
+
+
+@pytest.fixture
+def registry():
+    """The strategy registry (the library's and the harness's own entries), restored after the test,
+    so strategies a test registers never leak into others (e.g. the shared strategy tester)."""
+    from contrastive_decoding.eval import strategies as harness
+
+    import contrastive_decoding.strategies  # noqa: F401 - the built-ins, registered before the snapshot
+    from contrastive_decoding.core import registry as core_registry
+    saved = dict(core_registry._REGISTRY), dict(core_registry._PRESETS), dict(harness._OWN)
+    yield harness.STRATEGIES
+    live_tables = (core_registry._REGISTRY, core_registry._PRESETS, harness._OWN)
+    for live, kept in zip(live_tables, saved, strict=True):
+        live.clear()
+        live.update(kept)
+
+
+# The families the shared strategy tester (tests/backends/hf/test_strategy_contract.py) runs every registered
+# strategy on. A per-strategy test that repeats one of its checks (state restored, processor equals
+# loop, padded rows equal rows alone, uncached equals cached) on several families runs on the others.
+CONTRACT_FAMILIES = ["llama", "gpt2"]
+OTHER_FAMILIES = [f for f in FAMILIES if f not in CONTRACT_FAMILIES]
+
+
+@torch.no_grad()
+def processor_step(processor_class, model, ids: torch.Tensor, **kwargs):
+    """One step of a processor outside ``generate``: ``(processor, scores)`` for the last position
+    of each row of ``ids`` (the processor is detached on return)."""
+    with processor_class(model, **kwargs) as proc:
+        scores = model(ids).logits[:, -1].float()
+        out = proc(ids, scores)
+    return proc, out
+
+
+def greedy_processor_generate(model, processor, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Stock greedy ``generate`` of an unpadded batch with ``processor``, exactly ``steps`` new
+    tokens (``min_new_tokens`` masks EOS)."""
+    return model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        logits_processor=[processor],
+        do_sample=False,
+        max_new_tokens=steps,
+        min_new_tokens=steps,
+    )
+
+
+def reference_greedy(step, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding from a reference ``step(sequences) -> (B, V)`` scores (recomputed from scratch
+    at each step), EOS masked as ``min_new_tokens`` does: what :func:`greedy_processor_generate`
+    must give."""
+    for _ in range(steps):
+        scores = step(ids).clone()
+        scores[:, SPECIAL["eos_token_id"]] = -torch.inf
+        ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+SCORING_PROMPT = "Q: Where is the Eiffel tower? A:"
+SCORING_CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
+
+
+def assert_scores_match_reference(model, strategy, reference, protocol: str) -> None:
+    """``score_continuations`` of :data:`SCORING_CONTINUATIONS` after :data:`SCORING_PROMPT` gives,
+    for each continuation, the token scores ``reference(full, positions, targets)`` (float64
+    ``(tokens,)``: ``full`` the prompt and continuation ids, ``positions`` the positions predicting
+    the continuation's tokens ``targets``), and leaves the model as it was."""
+    from contrastive_decoding import score_continuations
+
+    tokenizer = char_tokenizer()
+    before = model_state(model)
+    got = score_continuations(
+        model, tokenizer, SCORING_PROMPT, SCORING_CONTINUATIONS, strategy=strategy, protocol=protocol
+    )
+    assert_same_state(before, model_state(model))
+    n_prefix = len(tokenizer(SCORING_PROMPT)["input_ids"])
+    for cont, score in zip(SCORING_CONTINUATIONS, got, strict=True):
+        full = tokenizer(SCORING_PROMPT + cont)["input_ids"]
+        positions = torch.arange(n_prefix - 1, len(full) - 1)
+        with torch.no_grad():
+            expected = reference(full, positions, torch.tensor(full[n_prefix:]))
+        assert score.token_ids == full[n_prefix:]
+        torch.testing.assert_close(score.token_scores.double(), expected, rtol=1e-4, atol=1e-4)
+        assert score.total == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-3)

@@ -36,7 +36,13 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: E402
 from transformers import LogitsProcessorList, PreTrainedTokenizerFast, RepetitionPenaltyLogitsProcessor  # noqa: E402
 
-from contrastive_decoding import DoLaLogitsProcessor, dola_generate, embedded_model_file  # noqa: E402
+from contrastive_decoding import (  # noqa: E402
+    DoLaLogitsProcessor,
+    dola_generate,
+    embedded_model_file,
+    layercake_generate,
+    score_token_continuations,
+)
 from contrastive_decoding.lm_eval import ContrastiveLM  # noqa: E402
 
 # Tiny models run fastest on one thread, and the machine's cores are shared (conftest's fixture).
@@ -182,14 +188,20 @@ def test_none_matches_hf_model_sample_for_sample(tiny_dir, tiny_tasks):
 
 def test_is_greedy_against_greedy_generation(tiny_dir):
     """A continuation generated greedily (with the strategy, no penalty) is greedy; one changed
-    token is not; strategy=none agrees with the hf model."""
+    token is not; strategy=none agrees with the hf model. LayerCake's degraded streams too."""
     tokenizer = char_tokenizer()
     prompt = "Q: Where is the cat?\nA:"
     enc = encode(tokenizer, prompt)
     plain = ContrastiveLM(pretrained=str(tiny_dir), strategy="none", dtype="float32")
     dola = ContrastiveLM(pretrained=str(tiny_dir), strategy="dola-high", dtype="float32")
+    cake = ContrastiveLM(pretrained=str(tiny_dir), strategy="layercake", dtype="float32")
     hf = lm_eval.api.registry.get_model("hf")(pretrained=str(tiny_dir), device="cpu", dtype="float32")
-    for lm, extra in ((plain, {}), (dola, {"custom_generate": dola_generate, "dola_layers": "high"})):
+    runs = (
+        (plain, {}),
+        (dola, {"custom_generate": dola_generate, "dola_layers": "high"}),
+        (cake, {"custom_generate": layercake_generate, "classifier": cake.tokenizer}),
+    )
+    for lm, extra in runs:
         out = lm.model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0, **extra)
         text = tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         other = ("a" if text[-1] != "a" else "b") if text else "a"
@@ -200,6 +212,73 @@ def test_is_greedy_against_greedy_generation(tiny_dir):
         assert flags == [True, False], (text, flags)
         if lm is plain:
             assert flags == [greedy for _, greedy in hf.loglikelihood(reqs)]
+
+
+def test_none_matches_hf_with_truncation_duplicates_and_empty_context(tiny_dir):
+    """Left truncation (max_length), a continuation asked twice, an empty context (lm-eval's
+    prefix token) and contexts of other lengths in one call: the hf model's results."""
+    long_q = "Q: " + "Which of these animals can live for more than a hundred years? " * 2 + "\nA:"
+    pairs = [
+        ("Q: Where is the cat?\nA:", " On the mat."),
+        ("Q: Where is the cat?\nA:", " On the mat."),
+        ("Q: Where is the cat?\nA:", " Here"),
+        (long_q, " A tortoise."),
+        (long_q, " A mouse, I think."),
+        ("", "Once upon a time"),
+    ]
+    reqs = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    args = dict(pretrained=str(tiny_dir), dtype="float32", max_length=64)
+    assert len(long_q) > args["max_length"]  # one character per token: these contexts are cut
+    hf = lm_eval.api.registry.get_model("hf")(device="cpu", **args)
+    ours = ContrastiveLM(strategy="none", **args).loglikelihood(reqs)
+    for (ll, greedy), (ll_ref, greedy_ref) in zip(ours, hf.loglikelihood(reqs), strict=True):
+        assert math.isclose(ll, ll_ref, rel_tol=1e-5, abs_tol=1e-5), (ll, ll_ref)
+        assert greedy == greedy_ref
+    assert ours[0] == ours[1]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "params", "protocol"),
+    [
+        ("dola-high", {"dola_layers": "high"}, "paper"),
+        ("dola-high", {"dola_layers": "high"}, "normalized"),
+        ("layercake", {}, "paper"),
+    ],
+)
+def test_strategy_loglikelihood_scores_lm_eval_tokens(tiny_dir, strategy, params, protocol):
+    """With a strategy, each request's ``(sum, is_greedy)`` is the strategy's score of the tokens
+    lm-eval's own split gives (``_encode_pair``, then HFLM's left truncation), scored alone."""
+    primer = "Q: Is ice cold?\nA: Yes.\n\n"
+    long_q = primer + "Q: " + "Which animals can live for more than a hundred years? " * 2 + "\nA:"
+    pairs = [
+        (primer + "Q: Where is the cat?\nA:", " On the mat."),
+        (primer + "Q: Where is the cat?\nA:", " Here"),
+        (primer + "Q: Where is the cat?\nA:", " On the mat."),
+        (primer + "Q: Why?\nA:", " Because."),
+        (long_q, " A tortoise."),
+    ]
+    lm = ContrastiveLM(
+        pretrained=str(tiny_dir), strategy=strategy, protocol=protocol, dtype="float32", max_length=96
+    )
+    assert len(long_q) > lm.max_length
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    scoring = build_strategy(lm.model, strategy.split("-")[0], params, lm.tokenizer).scoring
+    for (context, continuation), (ll, greedy) in zip(pairs, got, strict=True):
+        context_ids, continuation_ids = lm._encode_pair(context, continuation)
+        window = (context_ids + continuation_ids)[-(lm.max_length + 1) :]
+        (ref,) = score_token_continuations(
+            lm.model,
+            window[: len(window) - len(continuation_ids)],
+            [continuation_ids],
+            scoring,
+            tokenizer=lm.tokenizer,
+            protocol=protocol,
+            output_greedy=True,
+        )
+        # One row alone against rows batched with others (and a cached primer): float32 rounding.
+        assert math.isclose(ll, ref.total, rel_tol=1e-5, abs_tol=1e-4), (context, continuation, ll, ref.total)
+        assert greedy == ref.is_greedy, (context, continuation)
+    assert got[0] == got[2]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -366,6 +445,80 @@ def test_layers_the_model_lacks_fail_after_loading(tiny_dir):
 
 # ------------------------------------------------------------------------------------------------
 # the command line
+
+
+@pytest.mark.parametrize(
+    ("model_args", "fragment"),
+    [
+        ("strategy=bogus", "strategy='bogus' is not a strategy"),
+        ("strategy=dola,relative_top=nan", "relative_top=nan"),
+        ("strategy=dola,beta=1", "beta=1: not a parameter of strategy=dola"),
+        ("strategy=dola,dola_layers=middle", "dola_layers='middle'"),
+        ("strategy=dola-high,protocol=bogus", "protocol='bogus'"),
+        ("strategy=dola-high,score_batch_size=0", "score_batch_size=0"),
+        ("strategy=dola-high,repetition_penalty=-1", "repetition_penalty=-1"),
+        ("strategy=dola-high,repetition_penalty=nan", "repetition_penalty=nan"),
+        ("strategy=none,relative_top=0.2", "relative_top=0.2: not a parameter of strategy=none"),
+        ("strategy=dola-high,floor=nan", "floor=nan: give a finite number"),
+        ("strategy=dola-high,floor=abc", "floor='abc': give a finite number"),
+        ("strategy=dola-high,share_primer=no", "share_primer='no': give share_primer=true"),
+        ("strategy=dola-high,share_primer=maybe", "share_primer='maybe'"),
+        ("strategy=dola-low,dola_layers=high", "use strategy 'dola' instead"),
+    ],
+)
+def test_cli_refuses_bad_model_args_in_one_line_before_loading(model_args, fragment, capsys):
+    """They printed a traceback (and floor=nan was refused only after loading; share_primer=no
+    was read as True). The model path does not exist, so nothing was loaded when they fail."""
+    from contrastive_decoding.eval.cli import main
+
+    args = ["lm-eval", "--model", "contrastive", "--model_args", f"pretrained=/nonexistent/m,{model_args}"]
+    assert main([*args, "--tasks", "truthfulqa_mc2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --model_args") and fragment in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--limit", "0"], "--limit 0: give a positive number"),
+        (["--limit", "-3"], "--limit -3"),
+        (
+            ["--model_args", "pretrained=/nonexistent/model,strategy=dola-high"],
+            "pretrained='/nonexistent/model'",
+        ),
+    ],
+)
+def test_cli_refuses_limits_and_missing_models_in_one_line(extra, fragment, capsys):
+    from contrastive_decoding.eval.cli import main
+
+    args = ["lm-eval", "--model", "contrastive", "--model_args", "pretrained=smollm2", "--tasks", "x"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and fragment in err
+
+
+def test_cli_errors_that_need_the_model_or_the_tasks_are_one_line(tiny_dir, tiny_tasks, capsys):
+    from contrastive_decoding.eval.cli import main
+
+    include, _ = tiny_tasks
+    base = ["lm-eval", "--model", "contrastive", "--include_path", str(include)]
+    layers = f"pretrained={tiny_dir},strategy=dola,dola_layers=[40],dtype=float32"
+    # lm-eval's own log lines go to stderr too: the error is the last line, with no traceback.
+    assert main([*base, "--model_args", layers, "--tasks", "tiny_tqa_mc1"]) == 2
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("error: --model_args") and "layer 40" in last
+    plain = f"pretrained={tiny_dir},strategy=none,dtype=float32"
+    assert main([*base, "--model_args", plain, "--tasks", "no_such_task_here"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1] == "error: Tasks not found: no_such_task_here"
+
+
+def test_share_primer_is_a_strict_boolean(tiny_dir):
+    lm = ContrastiveLM(pretrained=str(tiny_dir), strategy="dola-high", share_primer=False, dtype="float32")
+    assert lm.share_primer is False
+    with pytest.raises(ValueError, match="share_primer='no'"):
+        ContrastiveLM(pretrained=str(tiny_dir), strategy="dola-high", share_primer="no", dtype="float32")
 
 
 def test_cli_runs_lm_eval_with_the_contrastive_model(tiny_dir, tiny_tasks, tmp_path, capsys):

@@ -21,8 +21,8 @@ from contrastive_decoding import (
     layercake_generate,
     load_model,
 )
+from contrastive_decoding.backends.hf.scoring import score_continuations
 from contrastive_decoding.prompts import truthfulqa_prompt
-from contrastive_decoding.scoring import score_continuations
 
 pytestmark = [
     pytest.mark.slow,

@@ -1,4 +1,5 @@
-"""`score_continuations` against independent, hand-written references.
+"""`score_continuations` against independent, hand-written references, and
+`score_token_continuations` (the token-id API it wraps) against it.
 
 Every expectation here is built from the model's own unbatched, unpadded forward pass
 (``output_hidden_states=True``) with plain torch ops: log-softmax of the model's logits for plain
@@ -13,9 +14,9 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, assert_same_state, build_model, char_tokenizer, model_state
+from conftest import VOCAB, assert_same_state, build_model, cached_model, char_tokenizer, model_state
 
-from contrastive_decoding import DoLa, score_continuations
+from contrastive_decoding import DoLa, LayerCake, PromptCache, score_continuations, score_token_continuations
 
 # Tiny models: one intra-op thread is fastest and immune to CPU contention.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -502,3 +503,210 @@ def test_different_lengths_right_padding_each_unbatched(tiny_model, family, toke
     for r, ids in zip(plain, rows, strict=True):
         expected, _ = _baseline_reference(tiny_model, ids, n_prefix)
         torch.testing.assert_close(r.token_scores.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The token-id API: the same scores as the text API, from ids; bad ids refused.
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_STRATEGIES = {
+    "plain": lambda: None,
+    "dola-high": lambda: DoLa("high"),
+    "dola-list": lambda: DoLa([0, 2, 4]),
+    "layercake": lambda: LayerCake(),  # degraded streams: token classes from the tokenizer
+}
+
+
+def _ids(tokenizer, continuations=CONTINUATIONS) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids (BOS first) and each continuation's, one id per character."""
+    context = tokenizer(PROMPT)["input_ids"]
+    return context, [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+
+
+def _assert_identical(got, want) -> None:
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        assert torch.equal(a.token_scores, b.token_scores)
+        assert a.total == b.total
+        assert a.premature_layers == b.premature_layers
+        assert a.below_floor == b.below_floor
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
+@pytest.mark.parametrize("protocol", ["paper", "normalized"])
+@pytest.mark.parametrize("case", list(TOKEN_STRATEGIES))
+def test_token_ids_score_as_text(tiny_model, tokenizer, case, protocol):
+    make = TOKEN_STRATEGIES[case]
+    text = score_continuations(
+        tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=make(), protocol=protocol
+    )
+    context, conts = _ids(tokenizer)
+    before = model_state(tiny_model)
+    got = score_token_continuations(
+        tiny_model, context, conts, make(), tokenizer=tokenizer, protocol=protocol
+    )
+    assert_same_state(before, model_state(tiny_model))
+    _assert_identical(got, text)
+    assert all(r.continuation is None and r.is_greedy is None for r in got)
+    assert [r.continuation for r in text] == CONTINUATIONS
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(share_prefix=False), dict(batch_size=2, positions_per_chunk=3), dict(output_greedy=True)],
+    ids=["full-rows", "batched", "greedy"],
+)
+@pytest.mark.parametrize("case", ["plain", "dola-high"])
+def test_token_ids_accept_tensors_and_options(tokenizer, case, options):
+    model = cached_model("llama")
+    make = TOKEN_STRATEGIES[case]
+    text = score_continuations(model, tokenizer, PROMPT, CONTINUATIONS, strategy=make(), **options)
+    context, conts = _ids(tokenizer)
+    as_tensors = [torch.tensor(c) for c in conts]
+    got = score_token_continuations(
+        model, torch.tensor(context), as_tensors, make(), tokenizer=tokenizer, **options
+    )
+    _assert_identical(got, text)
+    assert [r.is_greedy for r in got] == [r.is_greedy for r in text]
+    # Without a tokenizer the pad id is 0, the char tokenizer's own: the same scores again.
+    _assert_identical(score_token_continuations(model, context, conts, make(), **options), text)
+
+
+def test_token_ids_use_the_prompt_cache_by_tokens(tokenizer):
+    """Without the context's text the ids alone decide whether the primer's cache serves it; with a
+    text that does not start with the primer the context runs in full."""
+    model = cached_model("llama")
+    primer = "Q: Is ice cold? A: Yes. "
+    prompt = primer + PROMPT
+    context = tokenizer(prompt)["input_ids"]
+    conts = _ids(tokenizer)[1]
+    by_text = score_continuations(model, tokenizer, prompt, CONTINUATIONS, prompt_cache=PromptCache(primer))
+    cache = PromptCache(primer)
+    by_ids = score_token_continuations(model, context, conts, tokenizer=tokenizer, prompt_cache=cache)
+    _assert_identical(by_ids, by_text)
+    lengths: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        score_token_continuations(model, context, conts, tokenizer=tokenizer, prompt_cache=cache)
+        assert lengths[0] == len(context) - len(tokenizer(primer)["input_ids"])  # after the primer
+        lengths.clear()
+        other = score_token_continuations(
+            model, context, conts, tokenizer=tokenizer, prompt_cache=cache, context_text="Other text"
+        )
+        assert lengths[0] == len(context)  # in full
+    finally:
+        handle.remove()
+    _assert_identical(other, score_token_continuations(model, context, conts, tokenizer=tokenizer))
+
+
+@torch.no_grad()
+def _greedy_tokens(model, family: str, context: list[int], n: int, layers: list[int] | None) -> list[int]:
+    """``n`` tokens by hand-written greedy decoding: the argmax of the model's logits, or of DoLa's
+    contrast ``log p - log q_j`` (``j`` the layer of largest divergence) over the plausible tokens."""
+    ids = list(context)
+    for _ in range(n):
+        final, hidden, _ = _unbatched(model, ids + [0], len(ids))  # the last real position only
+        if layers is None:
+            ids.append(int(final[0].argmax()))
+            continue
+        premature = torch.stack([_exit_logits(model, family, hidden[j], False) for j in layers])
+        j = int(_reference_divergence(final, premature)[:, 0].argmax())
+        log_p = torch.log_softmax(final[0].double(), -1)
+        ratio = log_p - torch.log_softmax(premature[j, 0].double(), -1)
+        plausible = log_p >= log_p.max() + math.log(0.1)
+        ids.append(int(torch.where(plausible, ratio, -torch.inf).argmax()))
+    return ids[len(context) :]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("case", ["plain", "dola-high"])
+def test_output_greedy_against_hand_written_greedy_decoding(tiny_model, family, tokenizer, case):
+    context = _ids(tokenizer)[0]
+    greedy = _greedy_tokens(tiny_model, family, context, 5, None if case == "plain" else HIGH)
+    changed = greedy[:-1] + [4 if greedy[-1] != 4 else 5]
+    make = TOKEN_STRATEGIES[case]
+    conts = [greedy, changed, greedy[:1]]
+    got = score_token_continuations(tiny_model, context, conts, make(), output_greedy=True)
+    assert [r.is_greedy for r in got] == [True, False, True]
+    # Reporting it changes no score.
+    _assert_identical(got, score_token_continuations(tiny_model, context, conts, make()))
+
+
+VALID = dict(context_ids=[1, 40, 41], continuation_ids=[[50, 51], [52]])
+BAD_TOKEN_INPUTS = {
+    "empty-list": (dict(continuation_ids=[]), "`continuation_ids` is empty"),
+    "empty-continuation": (dict(continuation_ids=[[50], []]), "`continuation_ids[1]` is empty"),
+    "flat-list": (dict(continuation_ids=[50, 51]), "wrap it in a list"),
+    "text-continuations": (dict(continuation_ids=" Paris"), "`continuation_ids` must be a list of token-id"),
+    "text-continuation": (dict(continuation_ids=[" Paris"]), "`continuation_ids[0]` must be a list of token"),
+    "tensor-continuations": (
+        dict(continuation_ids=torch.tensor([[50]])),
+        "`continuation_ids` must be a list",
+    ),
+    "float": (dict(continuation_ids=[[50, 2.5]]), "`continuation_ids[0][1]` must be an int token id"),
+    "bool": (dict(continuation_ids=[[True]]), "`continuation_ids[0][0]` must be an int token id"),
+    "string-id": (dict(continuation_ids=[["a"]]), "`continuation_ids[0][0]` must be an int token id"),
+    "nested": (dict(continuation_ids=[[[50]]]), "`continuation_ids[0][0]` must be an int token id"),
+    "float-tensor": (
+        dict(continuation_ids=[torch.tensor([1.0])]),
+        "`continuation_ids[0]` must be a 1-D tensor",
+    ),
+    "out-of-vocabulary": (
+        dict(continuation_ids=[[50, VOCAB]]),
+        f"`continuation_ids[0]` has token id {VOCAB}",
+    ),
+    "negative": (dict(continuation_ids=[[52], [50, -1]]), "`continuation_ids[1]` has token id -1"),
+    "empty-context": (dict(context_ids=[]), "`context_ids` is empty"),
+    "context-text": (dict(context_ids="Q: A:"), "`context_ids` must be a list of token ids"),
+    "context-2d": (dict(context_ids=torch.tensor([[1, 40]])), "`context_ids` must be a 1-D tensor"),
+    "context-float": (dict(context_ids=[1, 40.0]), "`context_ids[1]` must be an int token id"),
+    "context-out-of-vocabulary": (dict(context_ids=[1, 500]), "`context_ids` has token id 500"),
+    "context-negative": (dict(context_ids=[-3, 40]), "`context_ids` has token id -3"),
+    "greedy-flag": (dict(output_greedy="yes"), "`output_greedy` must be True or False"),
+    "protocol": (dict(protocol="fancy"), "`protocol` must be one of"),
+    "cache-without-tokenizer": (dict(prompt_cache=PromptCache("Q:")), "`prompt_cache` needs `tokenizer`"),
+    "cache-not-a-cache": (dict(prompt_cache="Q:", tokenizer=char_tokenizer()), "`prompt_cache` must be"),
+    "tokenizer": (dict(tokenizer="gpt2"), "`tokenizer` must be the model's own tokenizer"),
+    "context-text-bytes": (dict(context_text=b"Q:"), "`context_text` must be"),
+    "layercake-without-tokenizer": (dict(strategy=LayerCake()), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("strategy", [None, DoLa("high")], ids=["plain", "high"])
+@pytest.mark.parametrize("case", list(BAD_TOKEN_INPUTS))
+def test_bad_token_ids_raise_naming_the_argument_and_leave_model_unchanged(tiny_model, case, strategy):
+    overrides, fragment = BAD_TOKEN_INPUTS[case]
+    kwargs = {**VALID, "strategy": strategy, **overrides}
+    before = model_state(tiny_model)
+    with pytest.raises(ValueError) as info:
+        score_token_continuations(tiny_model, **kwargs)
+    message = str(info.value)
+    assert fragment in message, message
+    assert_same_state(before, model_state(tiny_model))
+    if case.endswith(("vocabulary", "negative")):
+        assert f"0..{VOCAB - 1}" in message and "tokenizer" in message, message  # the range and the fix
+
+
+@pytest.mark.parametrize("case", ["dola-high", "layercake"])
+def test_token_ids_exception_inside_forward_leaves_model_unchanged(tokenizer, case):
+    model = cached_model("llama")
+    context, conts = _ids(tokenizer)
+    make = TOKEN_STRATEGIES[case]
+    expected = score_token_continuations(model, context, conts, make(), tokenizer=tokenizer)
+    block = model.model.layers[4]
+
+    def boom(*args, **kwargs):
+        raise _Boom("forward failed")
+
+    before = model_state(model)
+    block.forward = boom
+    try:
+        with pytest.raises(_Boom):
+            score_token_continuations(model, context, conts, make(), tokenizer=tokenizer)
+    finally:
+        del block.forward
+    assert_same_state(before, model_state(model))
+    _assert_identical(score_token_continuations(model, context, conts, make(), tokenizer=tokenizer), expected)

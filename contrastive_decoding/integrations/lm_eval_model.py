@@ -5,13 +5,13 @@
 three request types routed through this library:
 
 - ``loglikelihood``: the requests are grouped by context; each context's continuations are scored
-  by :func:`~contrastive_decoding.score_continuations` in one call (the context runs once, its
-  continuations as rows of one batched pass on a copy of its KV cache; a few-shot primer shared by
-  all contexts is cached once per run), with the strategy and the scoring ``protocol``. The tokens
-  scored are exactly the ones lm-eval's ``hf`` model scores (its context/continuation split, BOS
-  handling and left truncation). ``is_greedy`` is whether every continuation token is the argmax of
-  the strategy's decoding scores (what greedy decoding with the strategy would pick, before any
-  repetition penalty).
+  by :func:`~contrastive_decoding.score_token_continuations` in one call, given lm-eval's own token
+  ids (the context runs once, its continuations as rows of one batched pass on a copy of its KV
+  cache; a few-shot primer shared by all contexts is cached once per run), with the strategy and the
+  scoring ``protocol``. The tokens scored are exactly the ones lm-eval's ``hf`` model scores (its
+  context/continuation split, BOS handling and left truncation). ``is_greedy`` is whether every
+  continuation token is the argmax of the strategy's decoding scores (what greedy decoding with the
+  strategy would pick, before any repetition penalty; the model's logits for ``strategy=none``).
 - ``generate_until``: HFLM's own batching (left padding), ``until`` and ``max_gen_toks``; the
   generation runs the strategy's generate loop (greedy search and sampling), or its
   LogitsProcessor under beam search for strategies of early exits only, with the strategy's
@@ -26,6 +26,7 @@ neither scoring protocol.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -34,11 +35,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from ..lm_eval import INSTALL_HINT
+from contrastive_decoding.integrations import INSTALL_HINT
 
 try:
     from lm_eval.api.registry import register_model
@@ -46,16 +46,16 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(INSTALL_HINT) from exc
 
+from contrastive_decoding.backends.hf.loading import DEFAULT_MODEL, embedded_model_file
+from contrastive_decoding.backends.hf.processor import ContrastLogitsProcessor
+from contrastive_decoding.backends.hf.prompt_cache import PromptCache
+from contrastive_decoding.backends.hf.readout import LayerReadout
+from contrastive_decoding.backends.hf.scoring import score_token_continuations
+from contrastive_decoding.backends.hf.sources import ContrastSources, reads_whole_prompt
+from contrastive_decoding.core import SCORING_PROTOCOLS
+from contrastive_decoding.core.validation import looks_like_path
 from contrastive_decoding.eval.errors import EvalError
 from contrastive_decoding.eval.strategies import PRESETS, STRATEGIES, build_strategy, parse_params
-
-from ..loading import DEFAULT_MODEL, embedded_model_file
-from ..processor import ContrastLogitsProcessor
-from ..prompt_cache import PromptCache
-from ..readout import LayerReadout
-from ..scoring import score_continuations
-from ..sources import ContrastSources, reads_whole_prompt
-from ..strategies.base import SCORING_PROTOCOLS, ContrastInputs, ContrastOutput, ContrastStrategy
 
 __all__ = ["ContrastiveLM", "resolve_strategy_args"]
 
@@ -112,6 +112,8 @@ def resolve_strategy_args(
         >>> resolve_strategy_args("dola-high", {"pretrained": "gpt2", "relative_top": 0.2})[:2]
         ('dola', {'dola_layers': 'high', 'relative_top': 0.2})
     """
+    if strategy is None:  # lm-eval reads `strategy=none` as None
+        strategy = "none"
     if not isinstance(strategy, str) or not strategy:
         raise _model_args_error(
             f"strategy={strategy!r}: give a name, e.g. strategy=dola-high ({_strategy_names()})."
@@ -128,6 +130,13 @@ def resolve_strategy_args(
             "(e.g. strategy=dola-high, or strategy=dola,dola_layers=high)."
         )
     accepted = STRATEGIES[base].defaults
+    clash = {k: v for k, v in model_args.items() if k in preset and _coerce(k, v) != preset[k]}
+    if clash:
+        key = next(iter(clash))
+        raise _model_args_error(
+            f"{key}={clash[key]!r}: preset strategy={strategy} sets {key}={preset[key]!r}; to run "
+            f"{key}={clash[key]!r}, use strategy '{base}' instead."
+        )
     params: dict[str, Any] = dict(preset)
     rest: dict[str, Any] = {}
     for key, value in model_args.items():
@@ -154,6 +163,62 @@ def resolve_strategy_args(
     return base, params, rest
 
 
+def _check_own_args(
+    protocol: Any, repetition_penalty: Any, floor: Any, score_batch_size: Any, share_primer: Any
+) -> bool:
+    """Validate the model's own arguments as lm-eval typed them; ``share_primer`` as a bool.
+
+    lm-eval reads ``true``/``false`` as booleans and numbers as numbers; anything else arrives as a
+    string, so ``share_primer=no`` must be refused rather than read as ``bool("no")``.
+    """
+    if protocol not in SCORING_PROTOCOLS:
+        raise _model_args_error(f"protocol={protocol!r}: use protocol=paper or protocol=normalized.")
+    if repetition_penalty is not None and not (_is_number(repetition_penalty) and repetition_penalty > 0):
+        raise _model_args_error(
+            f"repetition_penalty={repetition_penalty!r}: give a finite number > 0 (1.0 = none)."
+        )
+    if not _is_number(floor):
+        raise _model_args_error(f"floor={floor!r}: give a finite number, e.g. floor=-1000.")
+    if score_batch_size is not None and (
+        isinstance(score_batch_size, bool) or not isinstance(score_batch_size, int) or score_batch_size < 1
+    ):
+        raise _model_args_error(
+            f"score_batch_size={score_batch_size!r}: give a positive int, or leave it out."
+        )
+    if not isinstance(share_primer, bool):
+        raise _model_args_error(
+            f"share_primer={share_primer!r}: give share_primer=true or share_primer=false."
+        )
+    return share_primer
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_model_args(model_args: Mapping[str, Any]) -> None:
+    """Everything about ``--model_args`` that needs no model, as :class:`ContrastiveLM` checks it:
+    the strategy and its parameters, the model's own arguments and a local ``pretrained`` path.
+    The launcher runs it before lm-eval starts, so a bad argument is one line, not a traceback.
+
+    Raises:
+        ValueError: naming the argument and the fix.
+    """
+    args = dict(model_args)
+    own = {k: args.pop(k) for k in _OWN_ARGS if k in args}
+    resolve_strategy_args(own.pop("strategy", "none"), args)
+    defaults = {"protocol": "paper", "repetition_penalty": None, "floor": -1000.0}
+    defaults |= {"score_batch_size": None, "share_primer": True}
+    _check_own_args(**{**defaults, **own})
+    pretrained = args.get("pretrained")
+    if isinstance(pretrained, str) and pretrained != DEFAULT_MODEL and looks_like_path(pretrained):
+        if not Path(pretrained).expanduser().exists():
+            raise _model_args_error(
+                f"pretrained={pretrained!r}: no such folder or .gguf file (give a model folder, a "
+                ".gguf file, a Hub id, or pretrained=smollm2 for the embedded model)."
+            )
+
+
 def _resolve_pretrained(pretrained: Any, kwargs: dict[str, Any]) -> Any:
     """``smollm2`` (the embedded GGUF) and ``*.gguf`` paths as HFLM's folder + ``gguf_file``."""
     if not isinstance(pretrained, str):
@@ -174,63 +239,6 @@ def _resolve_pretrained(pretrained: Any, kwargs: dict[str, Any]) -> Any:
         return pretrained
     kwargs.setdefault("gguf_file", path.name)
     return str(path.parent)
-
-
-class _PlainLogLikelihood(ContrastStrategy):
-    """The plain model's log-likelihood as a strategy (no early exits, no filter), so that
-    ``strategy=none`` scores through the same path and reports ``is_greedy`` like the others."""
-
-    relative_top = None
-
-    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
-        return F.log_softmax(inputs.final.float(), dim=-1)
-
-
-class _GreedyProbe:
-    """Wraps ``strategy.score`` so that, while active, each scored position also records whether
-    its target is the argmax of the strategy's decoding scores (``strategy.step``) on the same
-    inputs (early exits already computed are reused)."""
-
-    def __init__(self, strategy: ContrastStrategy) -> None:
-        self.active = False
-        self.flags: list[torch.Tensor] = []
-        score = strategy.score
-
-        def recording_score(
-            inputs: ContrastInputs, targets: torch.Tensor, protocol: str = "paper", floor: float = -1000.0
-        ) -> ContrastOutput:
-            out = score(inputs, targets, protocol, floor)
-            if self.active:
-                best = strategy.step(inputs).scores.argmax(dim=-1)
-                self.flags.append((best.to(targets.device) == targets).cpu())
-            return out
-
-        strategy.score = recording_score  # type: ignore[method-assign]
-
-    def take(self) -> torch.Tensor:
-        flags = torch.cat(self.flags) if self.flags else torch.zeros(0, dtype=torch.bool)
-        self.flags = []
-        return flags
-
-
-class _FixedTokens:
-    """The model's tokenizer for :func:`score_continuations`, except that the texts of the context
-    being scored give lm-eval's own token ids (so the tokens scored are exactly lm-eval's); other
-    plain calls encode as lm-eval does (``tok_encode``)."""
-
-    def __init__(self, lm: HFLM) -> None:
-        self._lm = lm
-        self._tokenizer = lm.tokenizer
-        self.fixed: dict[str, list[int]] = {}
-
-    def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(text, str) and not args and not kwargs:
-            ids = self.fixed.get(text)
-            return {"input_ids": list(ids if ids is not None else self._lm.tok_encode(text))}
-        return self._tokenizer(text, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
 
 
 @register_model("contrastive")
@@ -281,24 +289,7 @@ class ContrastiveLM(HFLM):
         **kwargs: Any,
     ) -> None:
         base, params, hf_kwargs = resolve_strategy_args(strategy, kwargs)
-        if protocol not in SCORING_PROTOCOLS:
-            raise _model_args_error(f"protocol={protocol!r}: use protocol=paper or protocol=normalized.")
-        if repetition_penalty is not None and (
-            isinstance(repetition_penalty, bool)
-            or not isinstance(repetition_penalty, (int, float))
-            or repetition_penalty <= 0
-        ):
-            raise _model_args_error(
-                f"repetition_penalty={repetition_penalty!r}: give a positive number (1.0 = none)."
-            )
-        if score_batch_size is not None and (
-            isinstance(score_batch_size, bool)
-            or not isinstance(score_batch_size, int)
-            or score_batch_size < 1
-        ):
-            raise _model_args_error(
-                f"score_batch_size={score_batch_size!r}: give a positive int, or leave it out."
-            )
+        share_primer = _check_own_args(protocol, repetition_penalty, floor, score_batch_size, share_primer)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         pretrained = _resolve_pretrained(pretrained, hf_kwargs)
@@ -316,14 +307,11 @@ class ContrastiveLM(HFLM):
         self.protocol = protocol
         self.floor = float(floor)
         self.score_batch_size = score_batch_size
-        self.share_primer = bool(share_primer)
+        self.share_primer = share_primer
         self._plain = self._run.scoring is None
-        self._scoring: ContrastStrategy = self._run.scoring if not self._plain else _PlainLogLikelihood()
         self._penalty = float(
             repetition_penalty if repetition_penalty is not None else self._run.repetition_penalty
         )
-        self._greedy = _GreedyProbe(self._scoring)
-        self._tokens = _FixedTokens(self)
         self._primers: dict[str, PromptCache] = {}
         self._rolling = False
         accelerator = getattr(self, "accelerator", None)
@@ -365,22 +353,12 @@ class ContrastiveLM(HFLM):
     ) -> list[tuple[float, bool]]:
         if self._rolling and self._plain:
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        protocol = "normalized" if self._rolling else self.protocol
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (_, context, continuation) in enumerate(requests):
-            if not continuation or len(continuation) > self.max_length:
-                raise ValueError(
-                    f"A continuation of {len(continuation)} tokens cannot be scored with max_length="
-                    f"{self.max_length}; raise --model_args max_length."
-                )
-            # Left truncation as HFLM: the last max_length + 1 tokens of context + continuation.
-            window = (list(context) + list(continuation))[-(self.max_length + 1) :]
-            groups.setdefault(tuple(window[: len(window) - len(continuation)]), []).append(i)
-        texts = {
-            ids: self._context_text(requests[members[0]][0], ids, n)
-            for n, (ids, members) in enumerate(groups.items())
-        }
-        primer = self._primer(list(texts.values())) if not self._rolling else None
+        groups = self._group_by_context(requests)
+        # The text of each context serves the primer cache only (which checks the tokens too);
+        # rolling windows have none.
+        strings = {ids: requests[members[0]][0] for ids, members in groups.items()}
+        texts = {ids: None if pair is None else pair[0] for ids, pair in strings.items()}
+        primer = None if self._rolling else self._primer(list(texts.values()))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         pbar = tqdm(
             total=len(requests),
@@ -389,7 +367,7 @@ class ContrastiveLM(HFLM):
         )
         for context, members in groups.items():
             answers = self._score_context(
-                list(context), texts[context], [requests[i][2] for i in members], protocol, primer
+                list(context), texts[context], [requests[i][2] for i in members], primer
             )
             for i, answer in zip(members, answers, strict=True):
                 results[i] = answer
@@ -399,15 +377,23 @@ class ContrastiveLM(HFLM):
         pbar.close()
         return results  # type: ignore[return-value]
 
-    @staticmethod
-    def _context_text(strings: tuple[str, str] | None, ids: tuple[int, ...], n: int) -> str:
-        # The text only serves the primer cache (which checks the tokens too); windows without text
-        # (rolling loglikelihood) get a placeholder that no primer matches.
-        return strings[0] if strings is not None else f"\x00context {n}"
+    def _group_by_context(self, requests: list) -> dict[tuple[int, ...], list[int]]:
+        """Request indices by the context tokens they are scored after, with HFLM's left
+        truncation (the last ``max_length + 1`` tokens of context + continuation)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            if not continuation or len(continuation) > self.max_length:
+                raise ValueError(
+                    f"A continuation of {len(continuation)} tokens cannot be scored with max_length="
+                    f"{self.max_length}; raise --model_args max_length."
+                )
+            window = (list(context) + list(continuation))[-(self.max_length + 1) :]
+            groups.setdefault(tuple(window[: len(window) - len(continuation)]), []).append(i)
+        return groups
 
-    def _primer(self, contexts: Sequence[str]) -> PromptCache | None:
+    def _primer(self, contexts: Sequence[str | None]) -> PromptCache | None:
         """The cache of the text (up to a line end) that every context starts with, if any."""
-        if not self.share_primer or len(set(contexts)) < 2:
+        if not self.share_primer or None in contexts or len(set(contexts)) < 2:
             return None
         shared = os.path.commonprefix(list(contexts))
         cut = shared.rfind("\n")
@@ -419,42 +405,30 @@ class ContrastiveLM(HFLM):
     def _score_context(
         self,
         context: list[int],
-        text: str,
+        text: str | None,
         continuations: list[list[int]],
-        protocol: str,
         primer: PromptCache | None,
     ) -> list[tuple[float, bool]]:
-        """``(sum, is_greedy)`` of each continuation of one context, in one scoring call."""
+        """``(sum, is_greedy)`` of each continuation of one context, in one scoring call (each
+        distinct continuation once)."""
         unique = list(dict.fromkeys(tuple(c) for c in continuations))
-        keys = [f"\x00{j}" for j in range(len(unique))]
-        self._tokens.fixed = {
-            text: context,
-            **{text + k: context + list(c) for k, c in zip(keys, unique, strict=True)},
+        scores = score_token_continuations(
+            self.model,
+            context,
+            [list(c) for c in unique],
+            self._run.scoring,
+            tokenizer=self.tokenizer,
+            protocol="normalized" if self._rolling else self.protocol,
+            batch_size=self.score_batch_size,
+            floor=self.floor,
+            prompt_cache=primer,
+            context_text=text,
+            # Rolling loglikelihood keeps the sums only.
+            output_greedy=not self._rolling,
+        )
+        by_tokens = {
+            cont: (score.total, bool(score.is_greedy)) for cont, score in zip(unique, scores, strict=True)
         }
-        self._greedy.active = True
-        try:
-            scores = score_continuations(
-                self.model,
-                self._tokens,
-                text,
-                keys,
-                strategy=self._scoring,
-                protocol=protocol,
-                batch_size=self.score_batch_size,
-                floor=self.floor,
-                prompt_cache=primer,
-            )
-            flags = self._greedy.take()
-        finally:
-            self._greedy.active = False
-            self._tokens.fixed = {}
-        by_tokens: dict[tuple[int, ...], tuple[float, bool]] = {}
-        offset = 0
-        for cont, score in zip(unique, scores, strict=True):
-            assert tuple(score.token_ids) == cont, "scored tokens differ from lm-eval's"
-            n = len(cont)
-            by_tokens[cont] = (score.total, bool(flags[offset : offset + n].all()) if len(flags) else False)
-            offset += n
         return [by_tokens[tuple(c)] for c in continuations]
 
     # ----------------------------------------------------------------------------------------

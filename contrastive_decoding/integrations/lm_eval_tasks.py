@@ -18,15 +18,16 @@ TruthfulQA's ``multiple_choice`` split, as offline runs need).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..eval.metrics import tfqa_mc_hf
+from contrastive_decoding.eval.metrics import tfqa_mc_hf
 
-__all__ = ["STABLE_MC2_TASK", "process_results_mc2", "write_stable_mc2_task"]
+__all__ = ["STABLE_MC2_TASK", "check_mc_data", "process_results_mc2", "write_stable_mc2_task"]
 
 STABLE_MC2_TASK = "truthfulqa_mc2_stable"
 _SHIM = "contrastive_mc2"
@@ -78,6 +79,78 @@ def _installed_mc2_yaml() -> Path:
     return path
 
 
+_MC_LAYOUT = (
+    "give TruthfulQA's multiple_choice validation split (the Hub's truthfulqa/truthful_qa, config "
+    "multiple_choice) as JSON lines, one {\"question\", \"mc2_targets\": {\"choices\", \"labels\"}} per line"
+)
+
+
+def _mc_record_problem(record: Any) -> str | None:
+    """What keeps one record from being a TruthfulQA ``multiple_choice`` row (``None``: nothing)."""
+    if not isinstance(record, dict):
+        return f"is a JSON {type(record).__name__}, not an object"
+    if not isinstance(record.get("question"), str):
+        keys = ", ".join(list(record)[:6]) or "none"
+        return f"has no text field 'question' (its keys: {keys})"
+    targets = record.get("mc2_targets")
+    if not isinstance(targets, dict) or "choices" not in targets or "labels" not in targets:
+        return "has no mc2_targets with 'choices' and 'labels' lists"
+    choices, labels = targets["choices"], targets["labels"]
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or not choices:
+        return "has mc2_targets.choices that is not a list of answer texts"
+    if not isinstance(labels, list) or any(isinstance(v, bool) or v not in (0, 1) for v in labels):
+        return "has mc2_targets.labels that is not a list of 0/1"
+    if len(labels) != len(choices):
+        return f"has {len(choices)} mc2_targets.choices but {len(labels)} labels"
+    if 1 not in labels:
+        return "has no mc2 choice labelled 1 (true)"
+    return None
+
+
+def check_mc_data(data_file: str | os.PathLike) -> int:
+    """Check that ``data_file`` holds TruthfulQA ``multiple_choice`` rows as JSON lines (each with
+    ``question`` and ``mc2_targets.choices``/``labels``: the fields the task's prompt and choices
+    read), before a task names it; lm-eval would otherwise fail at run time inside its templates.
+
+    Returns:
+        The number of rows.
+
+    Raises:
+        FileNotFoundError: ``data_file`` is not a file.
+        ValueError: an empty file, a line that is not JSON, a row without those fields, or one JSON
+            array instead of JSON lines; naming the line and the layout expected.
+    """
+    path = Path(data_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a file; {_MC_LAYOUT}.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"is not UTF-8 text; {_MC_LAYOUT}.") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ValueError(f"is empty; {_MC_LAYOUT}.")
+    if lines[0][1].lstrip().startswith("["):  # one JSON array: check its first row, then the layout
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            rows = None
+        first = rows[0] if isinstance(rows, list) and rows else None
+        problem = _mc_record_problem(first) if first is not None else "is not JSON"
+        if problem:
+            raise ValueError(f"its first record {problem}; {_MC_LAYOUT}.")
+        raise ValueError(f"is one JSON array, not JSON lines; {_MC_LAYOUT}.")
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"line {number} is not JSON; {_MC_LAYOUT}.") from None
+        problem = _mc_record_problem(record)
+        if problem:
+            raise ValueError(f"line {number} {problem}; {_MC_LAYOUT}.")
+    return len(lines)
+
+
 def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLike | None = None) -> Path:
     """Write the ``truthfulqa_mc2_stable`` task into ``folder`` (created if needed).
 
@@ -91,6 +164,8 @@ def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLik
 
     Raises:
         FileNotFoundError: ``data_file`` is not a file, or lm-eval's mc2 task is not installed.
+        ValueError: ``data_file`` does not hold TruthfulQA ``multiple_choice`` rows as JSON lines
+            (see :func:`check_mc_data`); nothing is written.
         NotADirectoryError: ``folder`` exists and is not a folder.
     """
     folder = Path(folder)
@@ -107,6 +182,7 @@ def write_stable_mc2_task(folder: str | os.PathLike, data_file: str | os.PathLik
                 f"`data_file` {str(data_file)!r} is not a file; give TruthfulQA's multiple_choice "
                 "validation split as JSON lines."
             )
+        check_mc_data(data_file)
         lines += [
             "dataset_path: json",
             "dataset_name: null",

@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
-from ..processor import LayerContrastLogitsProcessor
-from ..readout import LayerReadout, check_layer_indices
-from ..validation import check_flag
-from .base import (
-    ContrastOutput,
-    Floor,
-    LayerContrastStrategy,
-    ScoringProtocol,
+from contrastive_decoding.core.contract import (
+    ContrastInputs,
+    ContrastStrategy,
+    ModelLayout,
     check_vocabulary,
-    protocol_token_scores,
 )
+from contrastive_decoding.core.plausibility import (
+    check_min_tokens_to_keep,
+    check_relative_top,
+    plausible_mask,
+)
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import check_layer_indices
+from contrastive_decoding.core.validation import check_flag
 
-__all__ = ["AutoContrastive", "AutoContrastiveLogitsProcessor", "acd_log_probs"]
+__all__ = ["AutoContrastive", "acd_log_probs"]
 
 
 def acd_log_probs(
@@ -56,7 +57,11 @@ def acd_log_probs(
     return torch.where(head, inside, expert)
 
 
-class AutoContrastive(LayerContrastStrategy):
+@register_strategy(
+    "acd",
+    description="ACD (Gera et al. 2023): mass-preserving contrast with one intermediate exit",
+)
+class AutoContrastive(ContrastStrategy):
     """ACD's expert/amateur layer contrast, as a strategy for processors, generate loops and scoring.
 
     Step scores are ``log p`` of the mass-preserving ACD distribution (see the module docstring),
@@ -103,13 +108,7 @@ class AutoContrastive(LayerContrastStrategy):
         self.final_norm = check_flag("final_norm", final_norm)
         self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
-    def __repr__(self) -> str:
-        return (
-            f"AutoContrastive(layer={self.layer!r}, relative_top={self.relative_top}, "
-            f"final_norm={self.final_norm})"
-        )
-
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         check_vocabulary(self, readout)
         n = readout.num_layers
         if self.layer is None:
@@ -122,59 +121,9 @@ class AutoContrastive(LayerContrastStrategy):
         """``log p`` for ``(rows, V)`` mature logits and ``(1, rows, V)`` amateur logits."""
         return acd_log_probs(final_logits, layer_logits[0], self.relative_top, self.min_tokens_to_keep)
 
-    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
-        return ContrastOutput(self.log_probs(final_logits, layer_logits), None)
+    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
+        # log p over the whole vocabulary: both scoring protocols give log p(target).
+        return self.log_probs(inputs.final, inputs.layers)
 
-    def score_tokens(
-        self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
-        targets: torch.Tensor,
-        protocol: ScoringProtocol = "paper",
-        floor: Floor = -1000.0,
-    ) -> ContrastOutput:
-        # p is a distribution over the whole vocabulary: both protocols give log p(target).
-        log_p = self.log_probs(final_logits, layer_logits)
-        return ContrastOutput(protocol_token_scores(log_p, lambda: None, targets, protocol, floor), None)
-
-
-class AutoContrastiveLogitsProcessor(LayerContrastLogitsProcessor):
-    """ACD as a `LogitsProcessor` for stock ``model.generate``.
-
-    Args:
-        model: the causal LM that ``generate`` runs.
-        layer: the amateur exit (index, fraction of depth, or ``None`` for ``N // 2``).
-        relative_top: APC threshold in (0, 1] (default 0.1).
-        final_norm: apply the final norm to the amateur exit (default ``True``, as ACD's code).
-        min_tokens_to_keep: tokens always kept in the head set.
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from contrastive_decoding.strategies.acd import AutoContrastiveLogitsProcessor
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> with AutoContrastiveLogitsProcessor(model, layer=2) as acd:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4,
-        ...         do_sample=False, logits_processor=[acd])
-        >>> out.shape
-        torch.Size([1, 7])
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: int | float | None = None,
-        relative_top: float = 0.1,
-        final_norm: bool = True,
-        min_tokens_to_keep: int = 1,
-    ) -> None:
-        super().__init__(
-            model,
-            AutoContrastive(
-                layer=layer,
-                relative_top=relative_top,
-                final_norm=final_norm,
-                min_tokens_to_keep=min_tokens_to_keep,
-            ),
-        )
+    def plausible(self, inputs: ContrastInputs) -> None:
+        return None  # the plausibility filter is inside log p (mass-preserving), not a mask on top

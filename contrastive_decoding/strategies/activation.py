@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..context_entropy import ENTROPY_CONTEXTS, EntropyContext, EntropySource
-from ..plausibility import check_min_tokens_to_keep, check_relative_top
-from ..readout import LayerReadout
-from ..validation import check_flag, check_number
-from .base import ContrastInputs, ContrastStrategy
+from contrastive_decoding.core.contract import ContrastInputs, ContrastStrategy, ModelLayout
+from contrastive_decoding.core.plausibility import check_min_tokens_to_keep, check_relative_top
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import ENTROPY_CONTEXTS, EntropyContext, EntropySource
+from contrastive_decoding.core.validation import check_flag, check_number
 
 __all__ = ["ActivationDecoding", "INFO_LAYER"]
 
@@ -25,6 +25,10 @@ __all__ = ["ActivationDecoding", "INFO_LAYER"]
 INFO_LAYER = 26 / 32
 
 
+@register_strategy(
+    "activation",
+    description="activation decoding (Chen et al. 2024): favour tokens the context is sharp about",
+)
 class ActivationDecoding(ContrastStrategy):
     """Favour tokens the context is sharp about: ``log q_N(v) - alpha * E(v)``.
 
@@ -82,13 +86,7 @@ class ActivationDecoding(ContrastStrategy):
         self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
         self.final_norm = check_flag("final_norm", final_norm)
 
-    def __repr__(self) -> str:
-        return (
-            f"ActivationDecoding(info_layer={self.info_layer!r}, alpha={self.alpha}, "
-            f"context={self.context!r}, relative_top={self.relative_top}, final_norm={self.final_norm})"
-        )
-
-    def entropy_source(self, readout: LayerReadout) -> EntropySource:
+    def entropy_source(self, readout: ModelLayout) -> EntropySource:
         n = readout.num_layers
         if self.info_layer is None or isinstance(self.info_layer, float):
             fraction = INFO_LAYER if self.info_layer is None else self.info_layer

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..amateur import Amateur
-from ..loading import looks_like_path
-from ..plausibility import check_min_tokens_to_keep, check_relative_top
-from ..validation import check_number, check_usable_model
-from .base import ContrastInputs, ContrastStrategy
+from contrastive_decoding.core.contract import ContrastInputs, ContrastStrategy
+from contrastive_decoding.core.plausibility import check_min_tokens_to_keep, check_relative_top
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import Amateur
+from contrastive_decoding.core.validation import check_number, check_usable_model, looks_like_path
 
 __all__ = ["ContrastiveDecoding"]
 
@@ -47,6 +47,13 @@ def _check_amateur_model(amateur_model: object) -> None:
     check_usable_model(amateur_model, "amateur_model")
 
 
+@register_strategy(
+    "cd",
+    repetition_penalty=1.0,
+    description=(
+        "contrastive decoding (Li et al. 2023): contrast with a smaller amateur model (--param amateur=...)"
+    ),
+)
 class ContrastiveDecoding(ContrastStrategy):
     """Contrast the model with a smaller amateur model of the same tokenizer.
 
@@ -80,13 +87,9 @@ class ContrastiveDecoding(ContrastStrategy):
         self.amateur_temperature = check_temperature(amateur_temperature, "amateur_temperature")
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
         self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
+        self.amateur_model = amateur_model
+        self.amateur_tokenizer = amateur_tokenizer
         self._amateur = Amateur(model=amateur_model, tokenizer=amateur_tokenizer)
-
-    def __repr__(self) -> str:
-        return (
-            f"ContrastiveDecoding(amateur_model={type(self._amateur.model).__name__}, "
-            f"amateur_temperature={self.amateur_temperature}, relative_top={self.relative_top})"
-        )
 
     def amateur_stream(self) -> Amateur:
         return self._amateur

@@ -15,10 +15,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from ..readout import LayerReadout
-from ..suppression import SuppressionRule
-from ..validation import check_number
-from .base import ContrastInputs, ContrastOutput, ContrastStrategy, Floor, ScoringProtocol, floored
+from contrastive_decoding.core.contract import ContrastInputs, ContrastOutput, ContrastStrategy, ModelLayout
+from contrastive_decoding.core.protocols import Floor, ScoringProtocol, floored
+from contrastive_decoding.core.specs import SuppressionRule
+from contrastive_decoding.core.validation import check_number
 
 __all__ = ["SCALES", "WeightedContrast"]
 
@@ -105,12 +105,12 @@ class WeightedContrast(ContrastStrategy):
         scale = "" if self.scale == "raw" else f", scale={self.scale!r}"
         return "WeightedContrast([" + ", ".join(f"({w}, {s!r})" for w, s in self.parts) + f"]{scale})"
 
-    def _plan(self, readout: LayerReadout) -> tuple:
+    def _plan(self, readout: ModelLayout) -> tuple:
         """The union of the parts' layers and streams, and where each part's own sit in it."""
-        key = id(readout.model)
+        key = id(getattr(readout, "model", readout))
         if key not in self._plans:
             spec = self.amateur_stream()
-            amateur_readout = None if spec is None else LayerReadout.from_model(spec.model or readout.model)
+            amateur_readout = None if spec is None else readout.layout_of(spec.model)
             amateur_union = [] if spec is None else self.amateur_layers(amateur_readout)
             layers: list[int] = []
             streams: list[list[SuppressionRule]] = []
@@ -132,20 +132,20 @@ class WeightedContrast(ContrastStrategy):
             self._plans[key] = (layers, streams, index)
         return self._plans[key]
 
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         return self._plan(readout)[0]
 
-    def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:
+    def degraded_streams(self, readout: ModelLayout) -> list[list[SuppressionRule]]:
         return self._plan(readout)[1]
 
     def amateur_stream(self):
         return next((s.amateur_stream() for _, s in self.parts if s.amateur_stream() is not None), None)
 
-    def amateur_layers(self, readout: LayerReadout) -> list[int]:
+    def amateur_layers(self, readout: ModelLayout) -> list[int]:
         own = (s.amateur_layers(readout) for _, s in self.parts if s.amateur_stream() is not None)
         return list(dict.fromkeys(layer for layers in own for layer in layers))
 
-    def entropy_source(self, readout: LayerReadout):
+    def entropy_source(self, readout: ModelLayout):
         sources = {s.entropy_source(readout) for _, s in self.parts} - {None}
         if len(sources) > 1:
             raise ValueError(

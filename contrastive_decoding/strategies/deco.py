@@ -27,22 +27,19 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..processor import LayerContrastLogitsProcessor
-from ..readout import LayerReadout
-from ..suppression import resolve_layers
-from ..validation import check_flag, check_int, check_number
-from .base import (
+from contrastive_decoding.core.contract import (
+    ContrastInputs,
     ContrastOutput,
-    Floor,
-    LayerContrastStrategy,
-    ScoringProtocol,
-    floored,
-    protocol_token_scores,
+    ContrastStrategy,
+    ModelLayout,
 )
+from contrastive_decoding.core.protocols import Floor, ScoringProtocol, floored, protocol_token_scores
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import resolve_layers
+from contrastive_decoding.core.validation import check_flag, check_int, check_number
 
-__all__ = ["DeCo", "DeCoLogitsProcessor", "DECO_LATE_LAYERS", "deco_logits"]
+__all__ = ["DeCo", "DECO_LATE_LAYERS", "deco_logits"]
 
 #: DeCo's candidate layers, 20-28 of a 32-layer model (``range(20, 29)``), as fractions of depth.
 DECO_LATE_LAYERS = (20 / 32, 28 / 32)
@@ -112,7 +109,11 @@ def _check_band(layers: LayerBand) -> list:
     return items
 
 
-class DeCo(LayerContrastStrategy):
+@register_strategy(
+    "deco",
+    description="DeCo (Wang et al. 2024): add the most confident late-layer exit to the final logits",
+)
+class DeCo(ContrastStrategy):
     """DeCo's dynamic correction, as a strategy for processors, generate loops and scoring.
 
     Step scores are ``l_N + alpha * q_{j*}(c*) * l_{j*}`` on the candidate set ``C`` and ``-inf``
@@ -157,13 +158,7 @@ class DeCo(LayerContrastStrategy):
         self.final_norm = check_flag("final_norm", final_norm)
         self.layers = _check_band(layers)
 
-    def __repr__(self) -> str:
-        return (
-            f"DeCo(alpha={self.alpha}, top_k={self.top_k}, top_p={self.top_p}, "
-            f"layers={tuple(self.layers)!r}, final_norm={self.final_norm})"
-        )
-
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         return resolve_layers(self.layers, readout.num_layers, argument="layers")
 
     def correct(
@@ -172,18 +167,19 @@ class DeCo(LayerContrastStrategy):
         """Unmasked corrected logits, candidate mask and chosen layer; see :func:`deco_logits`."""
         return deco_logits(final_logits, layer_logits, self.alpha, self.top_k, self.top_p)
 
-    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
+    def step(self, inputs: ContrastInputs) -> ContrastOutput:
+        final_logits, layer_logits = inputs.final, inputs.layers
         logits, candidates, chosen = self.correct(final_logits, layer_logits)
         return ContrastOutput(torch.where(candidates, logits, -torch.inf), chosen)
 
-    def score_tokens(
+    def score(
         self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
+        inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
         floor: Floor = -1000.0,
     ) -> ContrastOutput:
+        final_logits, layer_logits = inputs.final, inputs.layers
         logits, candidates, chosen = self.correct(final_logits, layer_logits)
         if protocol == "paper":
             # The distribution DeCo decodes from: log_softmax over C, the floor outside it.
@@ -192,43 +188,3 @@ class DeCo(LayerContrastStrategy):
             return ContrastOutput(scores, chosen)
         scores = protocol_token_scores(logits, lambda: candidates, targets, protocol, floor)
         return ContrastOutput(scores, chosen)
-
-
-class DeCoLogitsProcessor(LayerContrastLogitsProcessor):
-    """DeCo as a `LogitsProcessor` for stock ``model.generate``.
-
-    ``chosen_layers`` records the layer ``j*`` used at each step for each row.
-
-    Args:
-        model: the causal LM that ``generate`` runs.
-        alpha: correction strength >= 0 (default 0.6).
-        top_k: candidates from the model's own distribution (default 20).
-        top_p: cumulative-probability cut of the candidates, in (0, 1] (default 0.9).
-        layers: layer indices or a ``(start, end)`` pair of fractions (default layers 20-28 of 32).
-        final_norm: apply the final norm to early exits (default ``True``, like DeCo's code).
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from contrastive_decoding.strategies.deco import DeCoLogitsProcessor
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> with DeCoLogitsProcessor(model, alpha=0.6) as deco:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4,
-        ...         do_sample=False, logits_processor=[deco])
-        >>> out.shape, deco.chosen_layers.shape
-        (torch.Size([1, 7]), torch.Size([4, 1]))
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        alpha: float = 0.6,
-        top_k: int = 20,
-        top_p: float = 0.9,
-        layers: LayerBand = DECO_LATE_LAYERS,
-        final_norm: bool = True,
-    ) -> None:
-        super().__init__(
-            model, DeCo(alpha=alpha, top_k=top_k, top_p=top_p, layers=layers, final_norm=final_norm)
-        )

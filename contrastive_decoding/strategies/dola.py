@@ -16,23 +16,29 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..divergence import DIVERGENCES, divergence_and_log_probs, divergence_by_layer, layerwise_is_exact
-from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
-from ..processor import LayerContrastLogitsProcessor
-from ..readout import LayerReadout, check_layer_indices
-from ..validation import check_flag
-from .base import (
+from contrastive_decoding.core.contract import (
+    ContrastInputs,
     ContrastOutput,
-    Floor,
-    LayerContrastStrategy,
-    ScoringProtocol,
+    ContrastStrategy,
+    ModelLayout,
     check_vocabulary,
-    protocol_token_scores,
 )
+from contrastive_decoding.core.divergence import (
+    DIVERGENCES,
+    divergence_and_log_probs,
+    divergence_by_layer,
+    layerwise_is_exact,
+)
+from contrastive_decoding.core.plausibility import (
+    check_min_tokens_to_keep,
+    check_relative_top,
+)
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import check_layer_indices
+from contrastive_decoding.core.validation import check_flag
 
-__all__ = ["DoLa", "DoLaLogitsProcessor", "dola_candidate_layers", "LAYER_CHOICES"]
+__all__ = ["DoLa", "dola_candidate_layers", "LAYER_CHOICES"]
 
 LAYER_CHOICES = ("per_row", "batch_mean")
 
@@ -105,7 +111,12 @@ def _check_dola_layers(dola_layers: object) -> str | int | list[int]:
     return [int(x) for x in layers]
 
 
-class DoLa(LayerContrastStrategy):
+@register_strategy(
+    "dola",
+    presets={"dola-high": {"dola_layers": "high"}, "dola-low": {"dola_layers": "low"}},
+    description="DoLa (Chuang et al. 2024): contrast the final layer with the most divergent early exit",
+)
+class DoLa(ContrastStrategy):
     """DoLa's layer contrast, as a strategy for processors, generate loops and scoring.
 
     Args:
@@ -118,7 +129,7 @@ class DoLa(LayerContrastStrategy):
             ``"batch_mean"`` picks one layer for the whole batch from the batch-mean divergence, as
             the reference code does.
         divergence: ``"reference"`` (the reference code's formula, default) or ``"jsd"`` (textbook
-            Jensen-Shannon); see :mod:`contrastive_decoding.divergence`.
+            Jensen-Shannon); see :mod:`contrastive_decoding.core.divergence`.
         min_tokens_to_keep: tokens always kept by the plausibility filter (an int >= 1, at most the
             model's vocabulary size, checked when the strategy meets the model).
 
@@ -152,14 +163,7 @@ class DoLa(LayerContrastStrategy):
         self.divergence = divergence
         self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
-    def __repr__(self) -> str:
-        return (
-            f"DoLa(dola_layers={self.dola_layers!r}, relative_top={self.relative_top}, "
-            f"final_norm={self.final_norm}, layer_choice={self.layer_choice!r}, "
-            f"divergence={self.divergence!r})"
-        )
-
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         check_vocabulary(self, readout)
         return dola_candidate_layers(self.dola_layers, readout.num_layers, readout.tied_embeddings)
 
@@ -185,79 +189,7 @@ class DoLa(LayerContrastStrategy):
             return index, final_lp, F.log_softmax(layer_logits[chosen].float(), dim=-1)
         return index, final_lp, layer_lp[chosen]
 
-    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
-        index, final_lp, base_lp = self._choose(final_logits, layer_logits)
-        keep = plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep)
-        scores = torch.where(keep, final_lp - base_lp, -torch.inf)
-        return ContrastOutput(scores, index)
-
-    def score_tokens(
-        self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
-        targets: torch.Tensor,
-        protocol: ScoringProtocol = "paper",
-        floor: Floor = -1000.0,
-    ) -> ContrastOutput:
-        index, final_lp, base_lp = self._choose(final_logits, layer_logits)
-        # "normalized" is DoLa's FACTOR scoring: renormalise the contrast, floor implausible tokens.
-        scores = protocol_token_scores(
-            final_lp - base_lp,
-            lambda: plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep),
-            targets,
-            protocol,
-            floor,
-        )
-        return ContrastOutput(scores, index)
-
-
-class DoLaLogitsProcessor(LayerContrastLogitsProcessor):
-    """DoLa as a `LogitsProcessor` for stock ``model.generate``.
-
-    Works with greedy search, sampling, beam search, left-padded batches and the KV cache. Every
-    argument is validated before any hook is attached.
-
-    Args:
-        model: the causal LM that ``generate`` runs.
-        dola_layers: ``"high"``, ``"low"``, one layer index (static) or a list of candidate layers.
-        relative_top: plausibility threshold in (0, 1].
-        final_norm: apply the final norm to early exits (default ``False``, like DoLa's code).
-        layer_choice: ``"per_row"`` (default) or ``"batch_mean"`` (the reference's single layer).
-        divergence: ``"reference"`` (default) or ``"jsd"``.
-        min_tokens_to_keep: tokens always kept by the plausibility filter.
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
-        >>> from transformers import RepetitionPenaltyLogitsProcessor
-        >>> from contrastive_decoding import DoLaLogitsProcessor
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> with DoLaLogitsProcessor(model, dola_layers="high") as dola:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False,
-        ...         logits_processor=LogitsProcessorList([dola, RepetitionPenaltyLogitsProcessor(1.2)]))
-        >>> dola.chosen_layers.shape  # (steps, batch)
-        torch.Size([4, 1])
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        dola_layers: DoLaLayers = "high",
-        relative_top: float = 0.1,
-        final_norm: bool = False,
-        layer_choice: Literal["per_row", "batch_mean"] = "per_row",
-        divergence: Literal["reference", "jsd"] = "reference",
-        min_tokens_to_keep: int = 1,
-    ) -> None:
-        super().__init__(
-            model,
-            DoLa(
-                dola_layers=dola_layers,
-                relative_top=relative_top,
-                final_norm=final_norm,
-                layer_choice=layer_choice,
-                divergence=divergence,
-                min_tokens_to_keep=min_tokens_to_keep,
-            ),
-        )
+    def combine(self, inputs: ContrastInputs) -> ContrastOutput:
+        # The default plausibility filter (relative_top of the final distribution) is DoLa's.
+        index, final_lp, base_lp = self._choose(inputs.final, inputs.layers)
+        return ContrastOutput(final_lp - base_lp, index)

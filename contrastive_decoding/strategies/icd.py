@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..amateur import Amateur, _check_text
-from ..plausibility import check_min_tokens_to_keep, check_relative_top
-from .base import ContrastInputs, ContrastStrategy
+from contrastive_decoding.core.contract import ContrastInputs, ContrastStrategy
+from contrastive_decoding.core.plausibility import check_min_tokens_to_keep, check_relative_top
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import Amateur, check_text
 
 __all__ = ["InducedContrast", "UNTRUTHFUL_INSTRUCTION"]
 
@@ -24,6 +25,10 @@ UNTRUTHFUL_INSTRUCTION = (
 )
 
 
+@register_strategy(
+    "icd",
+    description="ICD prompt-only (Zhang et al. 2023): contrast with the model told to give false answers",
+)
 class InducedContrast(ContrastStrategy):
     """Contrast the model with itself under an instruction that induces false answers (ICD).
 
@@ -47,13 +52,11 @@ class InducedContrast(ContrastStrategy):
     ) -> None:
         if instruction is None:
             raise ValueError("`instruction` must be the amateur's instruction (text or token ids), got None.")
-        self._amateur = Amateur(prefix=_check_text(instruction, "instruction"), prefix_argument="instruction")
+        prefix = check_text(instruction, "instruction", none_ok=False)
+        self._amateur = Amateur(prefix=prefix, prefix_argument="instruction")
         self.instruction = instruction
         self.relative_top = None if relative_top is None else check_relative_top(relative_top)
         self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
-
-    def __repr__(self) -> str:
-        return f"InducedContrast(instruction={self.instruction!r}, relative_top={self.relative_top})"
 
     def amateur_stream(self) -> Amateur:
         return self._amateur

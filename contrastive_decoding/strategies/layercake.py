@@ -15,18 +15,20 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..plausibility import check_min_tokens_to_keep, check_relative_top, plausible_mask
-from ..processor import StreamContrastLogitsProcessor
-from ..readout import LayerReadout
-from ..suppression import QUERY_ROWS, SUPPRESSION_MODES, LayerSpec, SuppressionRule, resolve_layers
-from ..validation import check_number
-from .base import ContrastOutput, Floor, ScoringProtocol, StreamContrastStrategy, protocol_token_scores
+from contrastive_decoding.core.contract import ContrastInputs, ContrastStrategy, ModelLayout
+from contrastive_decoding.core.plausibility import check_min_tokens_to_keep, check_relative_top
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import (
+    QUERY_ROWS,
+    SUPPRESSION_MODES,
+    LayerSpec,
+    SuppressionRule,
+    resolve_layers,
+)
+from contrastive_decoding.core.validation import check_number
 
-__all__ = ["LayerCake", "LayerCakeLogitsProcessor", "layercake_generate", "AMATEURS"]
+__all__ = ["LayerCake", "AMATEURS"]
 
 #: ``"combined"``: one stream, punctuation suppressed early AND concepts in the middle;
 #: ``"punctuation"`` / ``"concept"``: one stream with one suppression; ``"average"``: two streams
@@ -52,7 +54,11 @@ def _check_layer_spec(spec: Any, argument: str) -> LayerSpec:
     )
 
 
-class LayerCake(StreamContrastStrategy):
+@register_strategy(
+    "layercake",
+    description="LayerCake (Zhu et al. 2025): contrast against attention-suppressed streams",
+)
+class LayerCake(ContrastStrategy):
     """LayerCake's contrast of the intact model against attention-suppressed copies of itself.
 
     Args:
@@ -127,14 +133,7 @@ class LayerCake(StreamContrastStrategy):
         self.query_rows = query_rows
         self.min_tokens_to_keep = check_min_tokens_to_keep(min_tokens_to_keep)
 
-    def __repr__(self) -> str:
-        return (
-            f"LayerCake(amateur={self.amateur!r}, punctuation_layers={self.punctuation_layers!r}, "
-            f"concept_layers={self.concept_layers!r}, beta={self.beta}, relative_top={self.relative_top}, "
-            f"concept_gate={self.concept_gate}, mode={self.mode!r})"
-        )
-
-    def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:
+    def degraded_streams(self, readout: ModelLayout) -> list[list[SuppressionRule]]:
         n = readout.num_layers
         punct = SuppressionRule(
             "punctuation", resolve_layers(self.punctuation_layers, n, "punctuation_layers")
@@ -149,132 +148,8 @@ class LayerCake(StreamContrastStrategy):
             "average": [[punct], [concept]],
         }[self.amateur]
 
-    def _log_ratio(self, final_logits: torch.Tensor, stream_logits: torch.Tensor):
-        final_lp = F.log_softmax(final_logits.float(), dim=-1)
-        amateur_lp = F.log_softmax(stream_logits.float(), dim=-1).mean(0)
-        return final_lp, (1.0 + self.beta) * final_lp - amateur_lp
-
-    def _plausible(self, final_lp: torch.Tensor) -> torch.Tensor | None:
-        if self.relative_top is None:
-            return None
-        return plausible_mask(final_lp, self.relative_top, self.min_tokens_to_keep)
-
-    def contrast(self, final_logits: torch.Tensor, stream_logits: torch.Tensor) -> ContrastOutput:
-        final_lp, scores = self._log_ratio(final_logits, stream_logits)
-        keep = self._plausible(final_lp)
-        return ContrastOutput(scores if keep is None else torch.where(keep, scores, -torch.inf))
-
-    def score_tokens(
-        self,
-        final_logits: torch.Tensor,
-        stream_logits: torch.Tensor,
-        targets: torch.Tensor,
-        protocol: ScoringProtocol = "paper",
-        floor: Floor = -1000.0,
-    ) -> ContrastOutput:
-        final_lp, scores = self._log_ratio(final_logits, stream_logits)
-        return ContrastOutput(
-            protocol_token_scores(scores, lambda: self._plausible(final_lp), targets, protocol, floor)
-        )
-
-
-class LayerCakeLogitsProcessor(StreamContrastLogitsProcessor):
-    """LayerCake as a `LogitsProcessor` for stock ``model.generate`` (greedy search and sampling).
-
-    While it is attached, every forward of ``model`` runs the intact rows and the degraded streams as
-    one batch (the KV cache gets a copy of each row per stream); ``generate`` sees the intact rows
-    only. Detach it (``with`` block or :meth:`detach`) to restore the model exactly.
-
-    Args:
-        model: the causal LM that ``generate`` runs (sdpa or eager attention).
-        classifier: the model's tokenizer, a :class:`~contrastive_decoding.TokenClassifier`, or a
-            callable mapping token ids to one class each.
-        **kwargs: :class:`LayerCake` arguments (``amateur``, ``punctuation_layers``, ``beta``, ...).
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
-        >>> from contrastive_decoding import LayerCakeLogitsProcessor
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> classes = lambda ids: ["punctuation" if i < 8 else "concept" for i in ids]
-        >>> with LayerCakeLogitsProcessor(model, classes, amateur="average") as cake:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False,
-        ...         logits_processor=LogitsProcessorList([cake]))
-        >>> out.shape
-        torch.Size([1, 7])
-    """
-
-    def __init__(self, model: nn.Module, classifier, **kwargs: Any) -> None:
-        super().__init__(model, LayerCake(**kwargs), classifier)
-
-
-def layercake_generate(
-    model: nn.Module,
-    input_ids: torch.LongTensor,
-    logits_processor: LogitsProcessorList,
-    stopping_criteria: StoppingCriteriaList,
-    generation_config: GenerationConfig,
-    synced_gpus: bool = False,
-    streamer: Any = None,
-    classifier: Any = None,
-    amateur: Literal["combined", "punctuation", "concept", "average"] = "combined",
-    punctuation_layers: LayerSpec = PUNCTUATION_LAYERS,
-    concept_layers: LayerSpec = CONCEPT_LAYERS,
-    beta: float = 0.0,
-    relative_top: float | None = 0.1,
-    concept_gate: float | None = None,
-    mode: Literal["mask", "bias"] = "mask",
-    bias: float = -100.0,
-    query_rows: Literal["generated", "all"] = "generated",
-    **model_kwargs: Any,
-) -> GenerateDecoderOnlyOutput | torch.LongTensor:
-    """LayerCake decoding as a ``custom_generate`` callable (greedy search and sampling).
-
-    ``classifier`` (required) is the model's tokenizer, a
-    :class:`~contrastive_decoding.TokenClassifier` or a callable; the other arguments are
-    :class:`LayerCake`'s. The configured logits processors (e.g. ``repetition_penalty``) act on the
-    contrasted scores.
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from contrastive_decoding import layercake_generate
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> classes = lambda ids: ["punctuation" if i < 8 else "concept" for i in ids]
-        >>> out = model.generate(torch.tensor([[1, 5, 9]]), custom_generate=layercake_generate,
-        ...     classifier=classes, max_new_tokens=4, do_sample=False)
-        >>> out.shape
-        torch.Size([1, 7])
-    """
-    from ..generation import contrast_generate  # the loop imports strategies; import it late
-
-    if classifier is None:
-        raise ValueError(
-            "layercake_generate needs `classifier=`: the model's tokenizer (word-aware token classes), "
-            "a TokenClassifier, or a callable mapping token ids to classes."
-        )
-    strategy = LayerCake(
-        amateur=amateur,
-        punctuation_layers=punctuation_layers,
-        concept_layers=concept_layers,
-        beta=beta,
-        relative_top=relative_top,
-        concept_gate=concept_gate,
-        mode=mode,
-        bias=bias,
-        query_rows=query_rows,
-    )
-    return contrast_generate(
-        model,
-        strategy,
-        input_ids,
-        logits_processor,
-        stopping_criteria,
-        generation_config,
-        synced_gpus=synced_gpus,
-        streamer=streamer,
-        classifier=classifier,
-        **model_kwargs,
-    )
+    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
+        # The plausible set is the default one: relative_top of the intact stream's distribution.
+        final_lp = F.log_softmax(inputs.final.float(), dim=-1)
+        amateur_lp = F.log_softmax(inputs.streams.float(), dim=-1).mean(0)
+        return (1.0 + self.beta) * final_lp - amateur_lp

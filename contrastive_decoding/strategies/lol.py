@@ -22,14 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..amateur import Amateur, _check_text
-from ..plausibility import check_min_tokens_to_keep, check_relative_top
-from ..readout import LayerReadout
-from ..suppression import SuppressionRule
-from ..validation import check_flag, check_number, check_usable_model
-from .base import ContrastInputs, ContrastStrategy, check_vocabulary
-from .icd import UNTRUTHFUL_INSTRUCTION
-from .layercake import LayerCake
+from contrastive_decoding.core.contract import ContrastInputs, ContrastStrategy, ModelLayout, check_vocabulary
+from contrastive_decoding.core.plausibility import check_min_tokens_to_keep, check_relative_top
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import Amateur, SuppressionRule, check_text
+from contrastive_decoding.core.validation import check_flag, check_number, check_usable_model
+from contrastive_decoding.strategies.icd import UNTRUTHFUL_INSTRUCTION
+from contrastive_decoding.strategies.layercake import LayerCake
 
 __all__ = ["LowerLayerFusion", "TRUTHFUL_INSTRUCTION"]
 
@@ -63,6 +62,11 @@ def _check_suppression(suppression: object) -> None:
         )
 
 
+@register_strategy(
+    "lol",
+    presets={"lol-prompt": {"amateur": "prompt"}},
+    description="LOL-style fusion (Chen et al. 2024): final- and lower-layer contrasts with an amateur",
+)
 class LowerLayerFusion(ContrastStrategy):
     """Fuse original-vs-amateur contrasts taken at the final layer and at a lower layer (LOL).
 
@@ -125,13 +129,14 @@ class LowerLayerFusion(ContrastStrategy):
                 "the model itself; give the amateur's instruction."
             )
         if amateur == "prompt":
-            _check_text(amateur_instruction, "amateur_instruction")
+            check_text(amateur_instruction, "amateur_instruction")
         if suppression is not None and amateur != "suppression":
             raise ValueError("`suppression` only applies to `amateur='suppression'`.")
         _check_suppression(suppression)
         if isinstance(amateur, nn.Module):
             check_usable_model(amateur, "amateur")
         self.amateur = amateur
+        self.suppression = suppression
         self.lower_layer = lower_layer
         self.weight = float(weight)
         self.refocus = refocus
@@ -150,28 +155,21 @@ class LowerLayerFusion(ContrastStrategy):
         elif isinstance(amateur, nn.Module):
             self._amateur = Amateur(model=amateur, replace=refocus, **names)
 
-    def __repr__(self) -> str:
-        amateur = self.amateur if isinstance(self.amateur, str) else type(self.amateur).__name__
-        return (
-            f"LowerLayerFusion(amateur={amateur!r}, lower_layer={self.lower_layer}, weight={self.weight}, "
-            f"refocus={self.refocus!r}, relative_top={self.relative_top})"
-        )
-
     def refocus_prompt(self, prompt: str) -> str:
         """``prompt`` with the refocus instruction in front (unchanged without one)."""
         return prompt if self.refocus is None else self.refocus + prompt
 
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         check_vocabulary(self, readout)
         return [_resolve_depth(self.lower_layer, readout.num_layers, "lower_layer")]
 
-    def degraded_streams(self, readout: LayerReadout) -> list[list[SuppressionRule]]:
+    def degraded_streams(self, readout: ModelLayout) -> list[list[SuppressionRule]]:
         return [] if self._cake is None else self._cake.degraded_streams(readout)
 
     def amateur_stream(self) -> Amateur | None:
         return self._amateur
 
-    def amateur_layers(self, readout: LayerReadout) -> list[int]:
+    def amateur_layers(self, readout: ModelLayout) -> list[int]:
         return self.premature_layers(readout)
 
     def combine(self, inputs: ContrastInputs) -> torch.Tensor:

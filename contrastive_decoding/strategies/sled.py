@@ -35,15 +35,17 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..processor import LayerContrastLogitsProcessor
-from ..readout import LayerReadout
-from ..suppression import resolve_layers
-from ..validation import check_flag, check_int, check_number
-from .base import ContrastOutput, Floor, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
-
-__all__ = ["SLED", "SLEDLogitsProcessor", "sled_evolve", "sled_latent"]
+from contrastive_decoding.core.contract import (
+    ContrastInputs,
+    ContrastOutput,
+    ContrastStrategy,
+    ModelLayout,
+)
+from contrastive_decoding.core.protocols import Floor, ScoringProtocol, protocol_token_scores
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import resolve_layers
+from contrastive_decoding.core.validation import check_flag, check_int, check_number
 
 # torch.nn.functional.cosine_similarity's eps, used the same way (on the product of the norms).
 _COS_EPS = 1e-8
@@ -109,7 +111,11 @@ def sled_evolve(
     return torch.where(mask, evolved, float(evolution_lower_bound)), mask
 
 
-class SLED(LayerContrastStrategy):
+@register_strategy(
+    "sled",
+    description="SLED (Zhang et al. 2024): evolve the final logits toward a latent from all early exits",
+)
+class SLED(ContrastStrategy):
     """SLED's self logits evolution, as a strategy for processors, generate loops and scoring.
 
     Step scores are the evolved logits (see the module docstring): the candidates' logits after
@@ -137,13 +143,15 @@ class SLED(LayerContrastStrategy):
 
     Example:
         >>> import torch
-        >>> from contrastive_decoding.strategies.sled import SLED
+        >>> from contrastive_decoding import SLED, ContrastInputs
         >>> sled = SLED(evolution_scale=3)
         >>> final, layers = torch.randn(2, 10), torch.randn(4, 2, 10)
-        >>> out = sled.contrast(final, layers).scores
+        >>> out = sled.step(ContrastInputs(final=final, layer_logits=layers)).scores
         >>> out.shape, int((out > -100).sum(-1).max())
         (torch.Size([2, 10]), 3)
     """
+
+    relative_top = None  # no plausibility mask on the decoding scores
 
     def __init__(
         self,
@@ -178,14 +186,7 @@ class SLED(LayerContrastStrategy):
         self.final_norm = check_flag("final_norm", final_norm)
         self.post_softmax = check_flag("post_softmax", post_softmax)
 
-    def __repr__(self) -> str:
-        return (
-            f"SLED(evolution_rate={self.evolution_rate}, evolution_scale={self.evolution_scale}, "
-            f"evolution_lower_bound={self.evolution_lower_bound}, evolution_steps={self.evolution_steps}, "
-            f"layers={self.layers!r}, final_norm={self.final_norm})"
-        )
-
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         if self.layers is None:
             return list(range(readout.num_layers))
         return resolve_layers(self.layers, readout.num_layers, argument="layers")
@@ -203,70 +204,19 @@ class SLED(LayerContrastStrategy):
             self.evolution_steps,
         )
 
-    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
-        return ContrastOutput(self.evolve(final_logits, layer_logits)[0], None)
+    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
+        return self.evolve(inputs.final, inputs.layers)[0]
 
-    def score_tokens(
+    def score(
         self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
+        inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
         floor: Floor = -1000.0,
     ) -> ContrastOutput:
+        final_logits, layer_logits = inputs.final, inputs.layers
         evolved, mask = self.evolve(final_logits, layer_logits)
         if protocol == "paper" and self.post_softmax:
             evolved = F.log_softmax(evolved, dim=-1)
         scores = protocol_token_scores(evolved, lambda: mask, targets, protocol, floor)
         return ContrastOutput(scores, None)
-
-
-class SLEDLogitsProcessor(LayerContrastLogitsProcessor):
-    """SLED as a `LogitsProcessor` for stock ``model.generate``.
-
-    Args:
-        model: the causal LM that ``generate`` runs.
-        evolution_rate: first step size (default 2.5).
-        evolution_scale: number of candidate tokens (default 75).
-        evolution_lower_bound: logit of non-candidates (default -100).
-        evolution_steps: number of evolution steps (default 10).
-        layers: premature layers (default ``None``: all layers ``0..N-1``).
-        final_norm: apply the final norm to early exits (default ``False``, as SLED's code).
-        post_softmax: only used by scoring; accepted for symmetry with :class:`SLED`.
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from contrastive_decoding.strategies.sled import SLEDLogitsProcessor
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> with SLEDLogitsProcessor(model, evolution_scale=20) as sled:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4,
-        ...         do_sample=False, logits_processor=[sled])
-        >>> out.shape
-        torch.Size([1, 7])
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        evolution_rate: float = 2.5,
-        evolution_scale: int = 75,
-        evolution_lower_bound: float = -100.0,
-        evolution_steps: int = 10,
-        layers: Sequence[int] | tuple[float, float] | None = None,
-        final_norm: bool = False,
-        post_softmax: bool = True,
-    ) -> None:
-        super().__init__(
-            model,
-            SLED(
-                evolution_rate=evolution_rate,
-                evolution_scale=evolution_scale,
-                evolution_lower_bound=evolution_lower_bound,
-                evolution_steps=evolution_steps,
-                layers=layers,
-                final_norm=final_norm,
-                post_softmax=post_softmax,
-            ),
-        )

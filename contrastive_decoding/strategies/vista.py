@@ -12,15 +12,19 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..processor import LayerContrastLogitsProcessor
-from ..readout import LayerReadout
-from ..suppression import resolve_layers
-from ..validation import check_flag, check_number
-from .base import ContrastOutput, Floor, LayerContrastStrategy, ScoringProtocol, protocol_token_scores
+from contrastive_decoding.core.contract import (
+    ContrastInputs,
+    ContrastOutput,
+    ContrastStrategy,
+    ModelLayout,
+)
+from contrastive_decoding.core.protocols import Floor, ScoringProtocol, protocol_token_scores
+from contrastive_decoding.core.registry import register_strategy
+from contrastive_decoding.core.specs import resolve_layers
+from contrastive_decoding.core.validation import check_flag, check_number
 
-__all__ = ["VistaLogits", "VistaLogitsProcessor", "VISTA_LATE_LAYERS"]
+__all__ = ["VistaLogits", "VISTA_LATE_LAYERS"]
 
 #: VISTA's late band, layers 25-30 of a 32-layer model, as fractions of depth.
 VISTA_LATE_LAYERS = (25 / 32, 30 / 32)
@@ -48,7 +52,11 @@ def _check_band(late_layers: LayerBand) -> list:
     return items
 
 
-class VistaLogits(LayerContrastStrategy):
+@register_strategy(
+    "vista",
+    description="VISTA self-logits augmentation (Li et al. 2025): mix late-layer exits into the logits",
+)
+class VistaLogits(ContrastStrategy):
     """VISTA's self-logits augmentation, as a strategy for processors, generate loops and scoring.
 
     Step scores are the mixed logits ``weight_late * mean_j(l_j) + (1 - weight_late) * l_N`` in
@@ -73,6 +81,8 @@ class VistaLogits(LayerContrastStrategy):
         0.3
     """
 
+    relative_top = None  # no plausibility mask on the decoding scores
+
     def __init__(
         self,
         weight_late: float = 0.3,
@@ -89,13 +99,7 @@ class VistaLogits(LayerContrastStrategy):
         self.late_layers = _check_band(late_layers)
         self.final_norm = check_flag("final_norm", final_norm)
 
-    def __repr__(self) -> str:
-        return (
-            f"VistaLogits(weight_late={self.weight_late}, late_layers={tuple(self.late_layers)!r}, "
-            f"final_norm={self.final_norm})"
-        )
-
-    def premature_layers(self, readout: LayerReadout) -> list[int]:
+    def premature_layers(self, readout: ModelLayout) -> list[int]:
         return resolve_layers(self.late_layers, readout.num_layers, argument="late_layers")
 
     def mix(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> torch.Tensor:
@@ -103,52 +107,18 @@ class VistaLogits(LayerContrastStrategy):
         late = layer_logits.float().mean(0)
         return self.weight_late * late + (1.0 - self.weight_late) * final_logits.float()
 
-    def contrast(self, final_logits: torch.Tensor, layer_logits: torch.Tensor) -> ContrastOutput:
-        return ContrastOutput(self.mix(final_logits, layer_logits), None)
+    def combine(self, inputs: ContrastInputs) -> torch.Tensor:
+        return self.mix(inputs.final, inputs.layers)
 
-    def score_tokens(
+    def score(
         self,
-        final_logits: torch.Tensor,
-        layer_logits: torch.Tensor,
+        inputs: ContrastInputs,
         targets: torch.Tensor,
         protocol: ScoringProtocol = "paper",
         floor: Floor = -1000.0,
     ) -> ContrastOutput:
+        final_logits, layer_logits = inputs.final, inputs.layers
         log_probs = F.log_softmax(self.mix(final_logits, layer_logits), dim=-1)
         # No plausibility set: both protocols give log_softmax(mixed) at the target.
         scores = protocol_token_scores(log_probs, lambda: None, targets, protocol, floor)
         return ContrastOutput(scores, None)
-
-
-class VistaLogitsProcessor(LayerContrastLogitsProcessor):
-    """VISTA's self-logits augmentation as a `LogitsProcessor` for stock ``model.generate``.
-
-    Args:
-        model: the causal LM that ``generate`` runs.
-        weight_late: weight of the late layers' mean logits, in [0, 1] (default 0.3).
-        late_layers: layer indices or a ``(start, end)`` pair of fractions (default layers 25-30 of 32).
-        final_norm: apply the final norm to early exits (default ``False``, like VISTA's code).
-
-    Example:
-        >>> import torch
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> from contrastive_decoding.strategies.vista import VistaLogitsProcessor
-        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
-        ...     num_hidden_layers=4, num_attention_heads=2, pad_token_id=0)).eval()
-        >>> with VistaLogitsProcessor(model, weight_late=0.3) as vista:
-        ...     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, min_new_tokens=4,
-        ...         do_sample=False, logits_processor=[vista])
-        >>> out.shape
-        torch.Size([1, 7])
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        weight_late: float = 0.3,
-        late_layers: LayerBand = VISTA_LATE_LAYERS,
-        final_norm: bool = False,
-    ) -> None:
-        super().__init__(
-            model, VistaLogits(weight_late=weight_late, late_layers=late_layers, final_norm=final_norm)
-        )

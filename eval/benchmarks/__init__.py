@@ -6,13 +6,13 @@ reader, evaluate function, metrics) and add it to the tuple below; see ``eval/RE
 
 from __future__ import annotations
 
-from .base import Benchmark, EvalContext, Metric
-from .factor import FACTOR_EXPERT, FACTOR_NEWS
-from .gsm8k import GSM8K
-from .halueval import HALUEVAL, HALUEVAL_NOKNOWLEDGE
-from .strategyqa import STRATEGYQA
-from .truthfulqa_gen import TFQA_GEN, TFQA_GEN_LMEVAL
-from .truthfulqa_mc import TFQA_DOLA, TFQA_HF
+from contrastive_decoding.eval.benchmarks.base import Benchmark, EvalContext, Metric
+from contrastive_decoding.eval.benchmarks.factor import FACTOR_EXPERT, FACTOR_NEWS
+from contrastive_decoding.eval.benchmarks.gsm8k import GSM8K
+from contrastive_decoding.eval.benchmarks.halueval import HALUEVAL, HALUEVAL_NOKNOWLEDGE
+from contrastive_decoding.eval.benchmarks.strategyqa import STRATEGYQA
+from contrastive_decoding.eval.benchmarks.truthfulqa_gen import TFQA_GEN, TFQA_GEN_LMEVAL
+from contrastive_decoding.eval.benchmarks.truthfulqa_mc import TFQA_DOLA, TFQA_HF
 
 __all__ = ["BENCHMARKS", "Benchmark", "EvalContext", "Metric", "get_benchmark"]
 
@@ -39,7 +39,7 @@ def get_benchmark(name: str) -> Benchmark:
     Raises:
         EvalError: an unknown name (the message lists the valid ones).
     """
-    from ..errors import EvalError
+    from contrastive_decoding.eval.errors import EvalError
 
     if name not in BENCHMARKS:
         raise EvalError(f"--benchmark {name!r} is unknown; valid: {', '.join(BENCHMARKS)}.")

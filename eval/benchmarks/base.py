@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from contrastive_decoding import ContinuationScore, PromptCache, score_continuations
+from contrastive_decoding.eval.data import DataSource
+from contrastive_decoding.eval.generation import Generated, generate_batch
+from contrastive_decoding.eval.prompts import few_shot_prompt
+from contrastive_decoding.eval.strategies import StrategyRun
 
-from ..data import DataSource
-from ..generation import Generated, generate_batch
-from ..prompts import few_shot_prompt
-from ..strategies import StrategyRun
+from contrastive_decoding import ContinuationScore, PromptCache, score_continuations
 
 __all__ = ["Benchmark", "EvalContext", "Metric", "layer_histogram"]
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data import DataSource, numbered, read_csv_rows
-from .base import Benchmark, EvalContext, Metric, layer_histogram
+from contrastive_decoding.eval.benchmarks.base import Benchmark, EvalContext, Metric, layer_histogram
+from contrastive_decoding.eval.data import DataSource, numbered, read_csv_rows
 
 __all__ = ["FACTOR_EXPERT", "FACTOR_NEWS"]
 

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data import DataSource, numbered, read_json_records, require_keys
-from ..errors import DataError
-from ..prompts import GSM8K_ANSWER_TRIGGER, GSM8K_DEMO, GSM8K_SOURCE, GSM8K_STOP
-from .base import Benchmark, EvalContext, Metric, evaluate_few_shot_cot
+from contrastive_decoding.eval.benchmarks.base import Benchmark, EvalContext, Metric, evaluate_few_shot_cot
+from contrastive_decoding.eval.data import DataSource, numbered, read_json_records, require_keys
+from contrastive_decoding.eval.errors import DataError
+from contrastive_decoding.eval.prompts import GSM8K_ANSWER_TRIGGER, GSM8K_DEMO, GSM8K_SOURCE, GSM8K_STOP
 
 __all__ = ["GSM8K", "extract_answer", "gold_answer"]
 

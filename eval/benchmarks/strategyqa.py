@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data import DataSource, numbered, read_json_records, require_keys
-from ..errors import DataError
-from ..prompts import STRATEGYQA_DEMO, STRATEGYQA_SOURCE, STRATEGYQA_STOP
-from .base import Benchmark, EvalContext, Metric, evaluate_few_shot_cot
+from contrastive_decoding.eval.benchmarks.base import Benchmark, EvalContext, Metric, evaluate_few_shot_cot
+from contrastive_decoding.eval.data import DataSource, numbered, read_json_records, require_keys
+from contrastive_decoding.eval.errors import DataError
+from contrastive_decoding.eval.prompts import STRATEGYQA_DEMO, STRATEGYQA_SOURCE, STRATEGYQA_STOP
 
 __all__ = ["STRATEGYQA", "extract_answer"]
 

@@ -16,12 +16,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from contrastive_decoding.prompts import TRUTHFULQA_PRIMER
+from contrastive_decoding.eval.benchmarks.base import Benchmark, EvalContext, Metric
+from contrastive_decoding.eval.benchmarks.truthfulqa_mc import CSV_SOURCE, csv_from_hub, read_csv
+from contrastive_decoding.eval.metrics import SIMILARITY_METRICS, similarity_metrics
+from contrastive_decoding.eval.prompts import (
+    TRUTHFULQA_PRIMER_SOURCE,
+    TRUTHFULQA_QA_PAIRS,
+    TRUTHFULQA_QA_PAIRS_SOURCE,
+)
 
-from ..metrics import SIMILARITY_METRICS, similarity_metrics
-from ..prompts import TRUTHFULQA_PRIMER_SOURCE, TRUTHFULQA_QA_PAIRS, TRUTHFULQA_QA_PAIRS_SOURCE
-from .base import Benchmark, EvalContext, Metric
-from .truthfulqa_mc import CSV_SOURCE, csv_from_hub, read_csv
+from contrastive_decoding.prompts import TRUTHFULQA_PRIMER
 
 __all__ = ["TFQA_GEN", "TFQA_GEN_LMEVAL", "reference_answers"]
 

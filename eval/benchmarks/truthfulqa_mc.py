@@ -17,16 +17,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..data import DataSource, numbered, read_csv_rows, read_json_records, require_keys
-from ..errors import DataError
-from ..metrics import tfqa_mc_dola, tfqa_mc_hf
-from ..prompts import (
+from contrastive_decoding.eval.benchmarks.base import Benchmark, EvalContext, Metric, layer_histogram
+from contrastive_decoding.eval.data import (
+    DataSource,
+    numbered,
+    read_csv_rows,
+    read_json_records,
+    require_keys,
+)
+from contrastive_decoding.eval.errors import DataError
+from contrastive_decoding.eval.metrics import tfqa_mc_dola, tfqa_mc_hf
+from contrastive_decoding.eval.prompts import (
     TRUTHFULQA_PRIMER,
     TRUTHFULQA_PRIMER_SOURCE,
     TRUTHFULQA_QA_PAIRS,
     TRUTHFULQA_QA_PAIRS_SOURCE,
 )
-from .base import Benchmark, EvalContext, Metric, layer_histogram
 
 __all__ = ["TFQA_DOLA", "TFQA_HF", "format_best", "split_multi_answer"]
 

@@ -258,5 +258,11 @@ WRITERS = {
 }
 
 
+def tfqa_hf_argv(model_dir: str, data: Path, out: Path, *extra: str) -> list[str]:
+    """``eval`` of tfqa-hf on ``data`` into ``out``, no progress bar, then ``extra``."""
+    argv = ["eval", "-b", "tfqa-hf", "-m", model_dir, "--data", str(data), "--out", str(out)]
+    return [*argv, "--no-progress", *extra]
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

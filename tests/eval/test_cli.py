@@ -223,3 +223,29 @@ def test_plot_labels_tell_scoring_protocols_apart():
     assert _label({**run, "scoring_protocol": "normalized"}) == "dola-high (normalized)\nhalueval"
     assert _label({**run, "scoring_protocol": "loglik"}) == "dola-high\nhalueval"
     assert _label({**run, "scoring_protocol": None}) == "dola-high\nhalueval"
+
+
+def test_import_makes_a_user_strategy_a_cli_name(tmp_path, model_dir, registry, capsys, monkeypatch):
+    """``--import FILE`` registers the file's strategy for this command; its run equals the same
+    strategy given as the library's own DoLa with that static layer."""
+    monkeypatch.setenv("CONTRASTIVE_DECODING_STRATEGIES", "")  # --import sets it; restored after
+    plugin = tmp_path / "my_strategy.py"
+    plugin.write_text(
+        "from contrastive_decoding import DoLa, register_strategy\n\n\n"
+        "@register_strategy('layer-two')\n"
+        "class LayerTwo(DoLa):\n"
+        "    '''DoLa with layer 2 fixed.'''\n\n"
+        "    def __init__(self, relative_top: float = 0.1):\n"
+        "        super().__init__(dola_layers=2, relative_top=relative_top)\n"
+    )
+    data = write_tfqa_csv(tmp_path)
+    common = ["-b", "tfqa-dola", "-m", model_dir, "--data", str(data), "--no-progress"]
+    mine = ["--strategy", "layer-two", "--out", str(tmp_path / "a")]
+    assert main(["--import", str(plugin), "eval", *common, *mine]) == 0
+    reference = ["--strategy", "dola", "--param", "dola_layers=2", "--out", str(tmp_path / "b")]
+    assert main(["eval", *common, *reference]) == 0
+    mine, theirs = (read_jsonl(tmp_path / r / "items.jsonl") for r in "ab")
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "run_id")} for r in rows]  # noqa: E731
+    assert drop(mine) == drop(theirs)
+    assert main(["--import", str(tmp_path / "missing.py"), "list"]) == 2
+    assert "missing.py" in capsys.readouterr().err

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 from contrastive_decoding.eval import EvalError, RunConfig, run_eval
 from contrastive_decoding.eval.cli import main
-from contrastive_decoding.eval.strategies import STRATEGIES, StrategyEntry, register
 from evalkit import (
     char_tokenizer,
     one_thread,  # noqa: F401 - autouse fixture
@@ -17,7 +16,7 @@ from evalkit import (
     write_factor_csv,
 )
 
-from contrastive_decoding import ContrastStrategy
+from contrastive_decoding import ContrastStrategy, register_strategy
 
 TOKENIZER = char_tokenizer()
 
@@ -34,10 +33,8 @@ class Sharpened(ContrastStrategy):
 
 
 @pytest.fixture(autouse=True)
-def sharpened():
-    register(StrategyEntry.for_class("sharpened", Sharpened))
-    yield
-    STRATEGIES.pop("sharpened", None)
+def sharpened(registry):
+    register_strategy("sharpened")(Sharpened)
 
 
 def _run(tmp_path, out: str, **kw):

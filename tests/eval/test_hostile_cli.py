@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from contrastive_decoding.eval import STRATEGIES, EvalError, RunConfig, StrategyEntry, run_eval
+from contrastive_decoding.eval import EvalError, RunConfig, StrategyEntry, run_eval
 from contrastive_decoding.eval.cli import main
 from contrastive_decoding.eval.records import item_files
 from contrastive_decoding.eval.strategies import check_strategy, parse_params
@@ -28,6 +28,7 @@ from evalkit import (
     char_tokenizer,
     one_thread,  # noqa: F401 - autouse fixture
     read_jsonl,
+    tfqa_hf_argv,
     tiny_model,
     tiny_model_dir,
     write_gsm8k_jsonl,
@@ -52,20 +53,7 @@ def data(tmp_path) -> Path:
     return write_mc_json(tmp_path)
 
 
-def _argv(model_dir: str, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "eval",
-        "-b",
-        "tfqa-hf",
-        "-m",
-        model_dir,
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
+_argv = tfqa_hf_argv
 
 
 def _bad(argv: list[str], capsys) -> str:
@@ -351,14 +339,6 @@ class _NaNRow(DoLa):
         return out
 
 
-@pytest.fixture
-def registry():
-    before = dict(STRATEGIES)
-    yield STRATEGIES
-    STRATEGIES.clear()
-    STRATEGIES.update(before)
-
-
 def test_non_finite_generation_scores_fail_the_batch(tmp_path, registry):
     from contrastive_decoding.eval import register
 
@@ -521,3 +501,507 @@ def test_shards_run_in_parallel_but_not_twice(tmp_path, model_dir, data, capsys,
     assert summary["complete"] and summary["n_items"] == 3 and summary["shards"] == 2
     records = [r for f in item_files(out) for r in read_jsonl(f)]
     assert sorted(r["id"] for r in records) == [0, 1, 2]
+
+
+# ------------------------------------------------------------------ round two: every subcommand
+# Each bad path or value gives one line naming the argument and the fix, status 2, and writes
+# nothing (no file created or changed anywhere under the test's folders).
+
+
+def _tree(*roots: Path) -> dict[str, bytes]:
+    """Every file under ``roots`` with its bytes (the run locks, hidden and no result, left out)."""
+    files = {}
+    for root in roots:
+        if root.is_file():
+            files[str(root)] = root.read_bytes()
+        for p in sorted(root.rglob("*")) if root.is_dir() else []:
+            if p.is_file() and not p.name.endswith(".lock"):
+                files[str(p)] = p.read_bytes()
+    return files
+
+
+def _refused(argv: list[str], capsys, names: list[str], *roots: Path) -> str:
+    """``_bad``, checking that the line names each of ``names`` and that nothing under ``roots``
+    was written."""
+    before = _tree(*roots)
+    line = _bad(argv, capsys)
+    for name in names:
+        assert name in line, (name, line)
+    assert _tree(*roots) == before, "something was written"
+    return line
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, model_dir) -> Path:
+    """A finished tfqa-hf baseline run (do not change it: copy it first)."""
+    root = tmp_path_factory.mktemp("finished")
+    out = root / "run"
+    assert main(_argv(model_dir, write_mc_json(root), out)) == 0
+    return out
+
+
+def _copy_run(finished: Path, tmp_path: Path, name: str = "run") -> Path:
+    copy = tmp_path / name
+    shutil.copytree(finished, copy, ignore=shutil.ignore_patterns("*.lock"))
+    return copy
+
+
+# ------------------------------------------------------------------ C: tracebacks become one line
+
+
+@pytest.mark.parametrize("content", ['[{"a": 1}]', "question,answer\nx,y\n", '{"metrics": {}}', "\x00\xff"])
+def test_compare_or_table_given_a_file(tmp_path, finished, capsys, content):
+    other = tmp_path / "somefile.json"
+    other.write_bytes(content.encode("latin-1"))
+    line = _refused(
+        ["compare", str(finished), str(other)], capsys, [str(other), "not a run folder"], tmp_path
+    )
+    assert "give the folder" in line
+    line = _refused(["table", str(other)], capsys, [str(other), "not a run folder"], tmp_path, finished)
+    assert "give a finished run's folder" in line
+    _refused(["answers", str(other)], capsys, [str(other), "not a run folder"], tmp_path)
+    _refused(["analyze", str(other)], capsys, [str(other), "not a run folder"], tmp_path)
+
+
+@pytest.mark.parametrize("command", ["compare", "table", "plot", "answers", "analyze"])
+def test_truncated_summary(tmp_path, finished, capsys, command):
+    run = _copy_run(finished, tmp_path)
+    text = (run / "summary.json").read_text()
+    (run / "summary.json").write_text(text[: len(text) // 2])
+    argv = [command, str(run), str(run)] if command == "compare" else [command, str(run)]
+    if command == "plot":
+        argv += ["--out", str(tmp_path / "plots")]
+    line = _refused(argv, capsys, [str(run / "summary.json"), "not valid JSON", "rerun"], tmp_path)
+    assert "records are kept" in line
+    if command == "answers":
+        return  # reads no metrics
+    # A summary that parses but is cut short of its metrics is refused the same way.
+    (run / "summary.json").write_text(
+        json.dumps({"benchmark": "tfqa-hf", "strategy_label": "x", "n_items": 3})
+    )
+    _refused(argv, capsys, [str(run / "summary.json"), "'metrics'", "rerun"], tmp_path)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "99"])
+def test_compare_bootstrap_too_small(tmp_path, finished, capsys, value):
+    _refused(
+        [
+            "compare",
+            str(finished),
+            str(finished),
+            "--bootstrap",
+            value,
+            "--json",
+            str(tmp_path / "rows.json"),
+        ],
+        capsys,
+        [f"--bootstrap {value}", ">= 100"],
+        tmp_path,
+        finished,
+    )
+
+
+@pytest.mark.parametrize("command", ["compare", "analyze"])
+@pytest.mark.parametrize("where", ["folder", "read-only", "no parent"])
+def test_json_out_that_cannot_be_written(tmp_path, finished, capsys, command, where):
+    target = {
+        "folder": tmp_path,
+        "read-only": Path("/sys/hostile-rows.json"),
+        "no parent": tmp_path / "absent" / "rows.json",
+    }[where]
+    if where == "read-only" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    runs = [str(finished), str(finished)] if command == "compare" else [str(finished)]
+    line = _refused([command, *runs, "--json", str(target)], capsys, [f"--json {target}"], tmp_path, finished)
+    assert {"folder": "is a folder", "read-only": "not writable", "no parent": "does not exist"}[
+        where
+    ] in line
+    assert not (tmp_path / "absent").exists()
+
+
+def test_json_write_failure_is_one_line(tmp_path, finished, capsys, monkeypatch):
+    """A write that fails after the checks (a full disk) is one line too, and leaves no file."""
+    import errno
+
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "rows.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+    target = tmp_path / "rows.json"
+    _refused(
+        ["compare", str(finished), str(finished), "--json", str(target)], capsys, ["--json", "disk is full"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["plot", "inspect"])
+@pytest.mark.parametrize("where", ["file", "under a file", "read-only"])
+def test_out_folder_of_plot_and_inspect(tmp_path, finished, model_dir, capsys, command, where):
+    blocker = tmp_path / "plots.png"
+    blocker.write_text("keep me")
+    target = {"file": blocker, "under a file": blocker / "sub", "read-only": Path("/sys/hostile-plots")}[
+        where
+    ]
+    if where == "read-only" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    if command == "plot":
+        argv = ["plot", str(finished), "--out", str(target)]
+    else:  # checked before the model loads: the model path does not exist
+        argv = [
+            "inspect",
+            "-m",
+            str(tmp_path / "no-model"),
+            "--text",
+            "Q: Is it? A: Yes.",
+            "--out",
+            str(target),
+        ]
+    line = _refused(argv, capsys, [f"--out {target}"], tmp_path, finished)
+    assert {"file": "is a file", "under a file": "is a file", "read-only": "not writable"}[where] in line
+    assert blocker.read_text() == "keep me" and not Path("/sys/hostile-plots").exists()
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with 32 learned positions (a longer input indexes past its position table)."""
+    from conftest import build_model
+
+    path = tmp_path_factory.mktemp("short") / "gpt2-32"
+    build_model("gpt2", vocab_size=len(TOKENIZER), n_positions=32).save_pretrained(path)
+    TOKENIZER.save_pretrained(path)
+    return path
+
+
+def test_inspect_text_longer_than_the_models_positions(tmp_path, short_model_dir, capsys):
+    out = tmp_path / "map"
+    argv = ["inspect", "-m", str(short_model_dir), "--device", "cpu", "--out", str(out)]
+    line = _refused([*argv, "--text", "x" * 40], capsys, ["--text", "41 tokens", "32 positions"], tmp_path)
+    assert "shorten" in line and not out.exists()
+    assert main([*argv, "--text", "x" * 20]) == 0  # within the positions: the map is written
+    assert (out / "layer_map.json").is_file()
+
+
+_HOLD_AFTER_FIRST = {"calls": 0}
+
+
+def _interrupt_on_second_batch(monkeypatch, exc: BaseException) -> None:
+    from contrastive_decoding.eval import runner
+
+    original, calls = runner._evaluate_checked, []
+
+    def evaluate(benchmark, ctx, batch, strategy):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc
+        return original(benchmark, ctx, batch, strategy)
+
+    monkeypatch.setattr(runner, "_evaluate_checked", evaluate)
+
+
+def test_ctrl_c_during_eval_says_how_to_resume(tmp_path, model_dir, data, capsys, monkeypatch):
+    reference = tmp_path / "reference"
+    assert main(_argv(model_dir, data, reference)) == 0
+    out = tmp_path / "out"
+    _interrupt_on_second_batch(monkeypatch, KeyboardInterrupt())
+    capsys.readouterr()
+    assert main(_argv(model_dir, data, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted:"), err
+    assert "1 of 3 items" in err[0] and str(out) in err[0] and "rerun the same command" in err[0]
+    assert [r["id"] for r in read_jsonl(out / "items.jsonl")] == [0] and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert main(_argv(model_dir, data, out)) == 0
+    assert _complete(out)["metrics"] == _complete(reference)["metrics"]
+
+
+def test_ctrl_c_before_the_first_record_leaves_nothing(tmp_path, model_dir, data, capsys, monkeypatch):
+    from contrastive_decoding.eval import runner
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_evaluate_checked", interrupt)
+    out = tmp_path / "out"
+    assert main(_argv(model_dir, data, out)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no item was recorded" in err[0], err
+    assert not out.exists()
+
+
+def test_disk_full_while_recording_keeps_what_was_written(tmp_path, model_dir, data, capsys, monkeypatch):
+    import errno
+
+    from contrastive_decoding.eval.records import RecordWriter
+
+    reference = tmp_path / "reference"
+    assert main(_argv(model_dir, data, reference)) == 0
+    out = tmp_path / "out"
+    real, written = RecordWriter.write, []
+
+    def write(self, record):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(record["id"])
+        real(self, record)
+
+    monkeypatch.setattr(RecordWriter, "write", write)
+    line = _bad(_argv(model_dir, data, out), capsys)
+    assert str(out / "items.jsonl") in line and "disk is full" in line and "1 item(s) recorded" in line, line
+    assert "rerun the same command" in line
+    assert [r["id"] for r in read_jsonl(out / "items.jsonl")] == [0] and not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert main(_argv(model_dir, data, out)) == 0
+    assert _complete(out)["metrics"] == _complete(reference)["metrics"]
+
+
+def test_disk_full_mid_line_leaves_no_partial_line(tmp_path, model_dir, data, capsys, monkeypatch):
+    """The write reached the file but its sync failed: the line is cut off again, the items before
+    it stay, and the resumed run completes."""
+    import errno
+
+    from contrastive_decoding.eval import records
+
+    out = tmp_path / "out"
+    real, syncs = os.fsync, []
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("items.jsonl"):
+            syncs.append(fd)
+            if len(syncs) == 2:  # the second record's line is in the file, its sync fails
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+    assert "disk is full" in _bad(_argv(model_dir, data, out), capsys)
+    monkeypatch.undo()
+    text = (out / "items.jsonl").read_text()
+    assert text.endswith("\n") and [r["id"] for r in read_jsonl(out / "items.jsonl")] == [0]
+    assert main(_argv(model_dir, data, out)) == 0
+    _complete(out)
+
+
+# ------------------------------------------------------------------ D: unclear errors made clear
+
+
+def test_inspect_dola_layers_bogus_names_the_buckets(tmp_path, capsys):
+    out = tmp_path / "map"
+    argv = ["inspect", "-m", str(tmp_path / "no-model"), "--text", "Q: A:", "--out", str(out)]
+    line = _refused(
+        [*argv, "--dola-layers", "bogus"], capsys, ["--dola-layers 'bogus'", "high", "low"], tmp_path
+    )
+    assert "0,2,4" in line
+    assert "--layers" in _refused([*argv, "--layers", "1-x"], capsys, ["'1-x'"], tmp_path)
+
+
+def test_lm_eval_tasks_refuses_data_that_is_not_truthfulqa(tmp_path, capsys):
+    from contrastive_decoding.integrations import lm_eval_available
+
+    if not lm_eval_available():
+        pytest.skip("lm-eval is not installed")
+    folder = tmp_path / "tasks"
+    gsm8k = write_gsm8k_jsonl(tmp_path)
+    line = _refused(
+        ["lm-eval-tasks", str(folder), "--data", str(gsm8k)], capsys, [f"--data {gsm8k}"], tmp_path
+    )
+    assert "line 1" in line and "mc2_targets" in line and "multiple_choice" in line
+    # TruthfulQA's v0 mc_task.json (answers as keys) is not the Hub's multiple_choice layout either.
+    v0 = write_mc_json(tmp_path)
+    line = _refused(["lm-eval-tasks", str(folder), "--data", str(v0)], capsys, [f"--data {v0}"], tmp_path)
+    assert "choices" in line and "labels" in line
+    for text in (
+        "",
+        "not json\n",
+        '{"question": "Q?", "mc2_targets": {"choices": ["a"], "labels": [1, 0]}}\n',
+    ):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(text)
+        _refused(["lm-eval-tasks", str(folder), "--data", str(bad)], capsys, [f"--data {bad}"], tmp_path)
+    assert not folder.exists()
+    good = write_mc_json(tmp_path, jsonl=True)  # the Hub's layout, as JSON lines
+    assert main(["lm-eval-tasks", str(folder), "--data", str(good)]) == 0
+    assert (folder / "truthfulqa_mc2_stable.yaml").is_file()
+
+
+@pytest.fixture(scope="module")
+def spaced_model_dir(tmp_path_factory) -> Path:
+    """The tiny model with a tokenizer whose tokens decode with spaces between them, which
+    transformers' StopStringCriteria cannot read (its vocabulary check raises ValueError)."""
+    from conftest import char_tokenizer as spaced_tokenizer
+
+    path = tmp_path_factory.mktemp("spaced") / "tiny-spaced"
+    tiny_model().save_pretrained(path)
+    spaced_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_gsm8k_with_a_tokenizer_stop_strings_cannot_read(tmp_path, spaced_model_dir, capsys):
+    from conftest import char_tokenizer as spaced_tokenizer
+    from transformers import StopStringCriteria
+
+    with pytest.raises(ValueError):  # the transformers limitation this test is about
+        StopStringCriteria(spaced_tokenizer(), ["Q:"])
+    out = tmp_path / "out"
+    data = write_gsm8k_jsonl(tmp_path)
+    argv = ["eval", "-b", "gsm8k", "-m", str(spaced_model_dir), "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--no-progress", "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["n_items"] == 3
+
+
+def test_decoded_text_stop_matches_stop_string_criteria(monkeypatch):
+    """The fallback stops every row where StopStringCriteria stops it: same texts, same tokens."""
+    from contrastive_decoding.eval import generation
+    from contrastive_decoding.eval.strategies import build_strategy
+
+    model = tiny_model()
+    strategy = build_strategy(model, "baseline", {}, tokenizer=TOKENIZER)
+    prompts = ["Q: What is 2+2?\nA:", "Q: Is the sky blue?\nA: The", "Q: Hi\nA:"]
+    free = generation.generate_batch(model, TOKENIZER, prompts, strategy, 12)
+    # Stop strings the model does produce, at different steps in different rows.
+    stop = sorted({g.text[3:5] for g in free if len(g.text) >= 5} | {free[0].text[6:8]})
+    real = generation.generate_batch(model, TOKENIZER, prompts, strategy, 12, stop=stop)
+
+    def unreadable(tokenizer, stop_strings):
+        raise ValueError("substring not found")
+
+    monkeypatch.setattr(generation, "StopStringCriteria", unreadable)
+    fallback = generation.generate_batch(model, TOKENIZER, prompts, strategy, 12, stop=stop)
+    assert [(g.text, g.n_tokens) for g in fallback] == [(g.text, g.n_tokens) for g in real]
+    assert any(g.n_tokens < f.n_tokens for g, f in zip(real, free, strict=True))  # a stop did stop a row
+
+
+# ------------------------------------------------------------------ E: more hostile input, every subcommand
+
+
+@pytest.fixture
+def tune_args(tmp_path, data) -> list[str]:
+    # A model path that does not exist: each case must be refused before the model loads.
+    return ["tune", "-b", "tfqa-hf", "-s", "dola", "-m", str(tmp_path / "no-model"), "--data", str(data)]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "compare seed",
+        "compare absent run",
+        "compare one run is a file",
+        "plot metric",
+        "plot absent run",
+        "table absent run",
+        "answers scoring run",
+        "analyze limit",
+        "inspect prompt-len",
+        "inspect layers",
+        "inspect layers bucket",
+        "inspect divergence",
+        "inspect absent model",
+        "inspect threads",
+        "inspect dtype",
+        "inspect device",
+        "tune folds",
+        "tune bootstrap",
+        "tune seed",
+        "tune limit",
+        "tune out file",
+        "tune reuse absent",
+        "tune report",
+        "tune metric",
+        "tune dtype",
+        "tune device",
+        "tune grid name",
+        "tune baseline unknown",
+        "lm-eval-tasks dir is a file",
+        "lm-eval-tasks data absent",
+        "eval data-dir is a file",
+        "eval judge-info without judge",
+        "import missing",
+    ],
+)
+def test_hostile_subcommands(tmp_path, finished, model_dir, tune_args, capsys, case):
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("keep me")
+    absent = tmp_path / "absent"
+    inspect = ["inspect", "-m", model_dir, "--text", "Q: Is it? A: Yes.", "--out", str(tmp_path / "map")]
+    tune_out = ["--grid", "dola_layers=high,low", "--out", str(tmp_path / "tune")]
+    argv, names = {
+        "compare seed": (["compare", str(finished), str(finished), "--seed", "-1"], ["--seed -1"]),
+        "compare absent run": (["compare", str(finished), str(absent)], [str(absent), "no such folder"]),
+        "compare one run is a file": (["compare", str(blocker), str(finished)], [str(blocker), "is a file"]),
+        "plot metric": (
+            ["plot", str(finished), "--metric", "bleu", "--out", str(tmp_path / "p")],
+            ["--metric bleu"],
+        ),
+        "plot absent run": (["plot", str(absent), "--out", str(tmp_path / "p")], [str(absent)]),
+        "table absent run": (["table", str(absent)], [str(absent), "no such folder"]),
+        "answers scoring run": (["answers", str(finished)], [str(finished), "scored, not generated"]),
+        "analyze limit": (["analyze", str(finished), "--limit", "0"], ["--limit 0"]),
+        "inspect prompt-len": ([*inspect, "--prompt-len", "-1"], ["--prompt-len"]),
+        "inspect layers": ([*inspect, "--layers", "99"], ["--layers", "99"]),
+        "inspect layers bucket": ([*inspect, "--layers", "high"], ["--layers high", "--dola-layers"]),
+        "inspect divergence": ([*inspect, "--divergence", "kl"], ["--divergence", "'kl'"]),
+        "inspect absent model": ([*inspect, "-m", str(absent)], [f"--model {absent}"]),
+        "inspect threads": ([*inspect, "--threads", "0"], ["--threads 0"]),
+        "inspect dtype": ([*inspect, "--dtype", "float33"], ["--dtype 'float33'"]),
+        "inspect device": ([*inspect, "--device", "banana"], ["--device 'banana'"]),
+        "tune folds": ([*tune_args, *tune_out, "--folds", "1"], ["--folds 1"]),
+        "tune bootstrap": ([*tune_args, *tune_out, "--bootstrap", "10"], ["--bootstrap 10"]),
+        "tune seed": ([*tune_args, *tune_out, "--seed", "-2"], ["--seed -2"]),
+        "tune limit": ([*tune_args, *tune_out, "--limit", "0"], ["--limit"]),
+        "tune out file": (
+            [*tune_args, "--grid", "dola_layers=high", "--out", str(blocker)],
+            [f"--out {blocker}"],
+        ),
+        "tune reuse absent": ([*tune_args, *tune_out, "--reuse", str(absent)], [f"--reuse {absent}"]),
+        "tune report": ([*tune_args, *tune_out, "--report", "../x"], ["--report '../x'"]),
+        "tune metric": ([*tune_args, *tune_out, "--metric", "mc3"], ["--metric mc3"]),
+        "tune dtype": ([*tune_args, *tune_out, "--dtype", "float33"], ["--dtype 'float33'"]),
+        "tune device": ([*tune_args, *tune_out, "--device", "banana"], ["--device 'banana'"]),
+        "tune grid name": ([*tune_args, "--grid", "alpha=1", "--out", str(tmp_path / "t")], ["--grid alpha"]),
+        "tune baseline unknown": ([*tune_args, *tune_out, "--baseline", "dolla"], ["--baseline 'dolla'"]),
+        "lm-eval-tasks dir is a file": (["lm-eval-tasks", str(blocker)], [f"DIR {blocker}", "is a file"]),
+        "lm-eval-tasks data absent": (
+            ["lm-eval-tasks", str(tmp_path / "tasks"), "--data", str(absent)],
+            [f"--data {absent}"],
+        ),
+        "eval data-dir is a file": (
+            [
+                "eval",
+                "-b",
+                "tfqa-hf",
+                "-m",
+                model_dir,
+                "--data-dir",
+                str(blocker),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            [f"--data-dir {blocker}"],
+        ),
+        "eval judge-info without judge": (
+            [
+                "eval",
+                "-b",
+                "tfqa-gen",
+                "-m",
+                model_dir,
+                "--judge-info",
+                model_dir,
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            ["--judge-info", "--judge"],
+        ),
+        "import missing": (["--import", str(absent / "mine.py"), "list"], ["--import", "mine.py"]),
+    }[case]
+    if case.startswith("lm-eval-tasks"):
+        from contrastive_decoding.integrations import lm_eval_available
+
+        if not lm_eval_available():
+            pytest.skip("lm-eval is not installed")
+    _refused(argv, capsys, names, tmp_path, finished)
+    assert blocker.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["blocker.txt", "mc_task.json"])

@@ -124,14 +124,6 @@ class _Lite(DoLa):
         super().__init__(dola_layers=dola_layers, relative_top=relative_top)
 
 
-@pytest.fixture
-def registry():
-    before = dict(STRATEGIES)
-    yield STRATEGIES
-    STRATEGIES.clear()
-    STRATEGIES.update(before)
-
-
 def test_a_new_strategy_is_one_entry(tmp_path, registry):
     from contrastive_decoding.eval import register
 
@@ -161,13 +153,22 @@ def test_a_new_strategy_is_one_entry(tmp_path, registry):
 def test_generate_callable_must_take_every_given_parameter(registry):
     from contrastive_decoding.eval import register
 
-    register(StrategyEntry.for_class("dola-gen", DoLa, generate=dola_generate))
+    def high_only_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                           synced_gpus=False, streamer=None, dola_layers="high", **model_kwargs):
+        return dola_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                             synced_gpus, streamer, dola_layers=dola_layers, **model_kwargs)
+
+    register(StrategyEntry.for_class("dola-gen", DoLa, generate=high_only_generate))
     assert build_strategy(tiny_model(), "dola-gen", {"dola_layers": "low"}).generate_kwargs == {
-        "custom_generate": dola_generate,
+        "custom_generate": high_only_generate,
         "dola_layers": "low",
     }
-    with pytest.raises(EvalError, match="min_tokens_to_keep"):
+    with pytest.raises(EvalError, match="high_only_generate takes no min_tokens_to_keep"):
         build_strategy(tiny_model(), "dola-gen", {"min_tokens_to_keep": 2})
+    # The library's own loop is derived from DoLa's declaration: it takes every parameter.
+    register(StrategyEntry.for_class("dola-derived", DoLa, generate=dola_generate))
+    run = build_strategy(tiny_model(), "dola-derived", {"min_tokens_to_keep": 2})
+    assert run.generate_kwargs["min_tokens_to_keep"] == 2
 
 
 def test_layercake_is_registered_and_generates_like_layercake_generate(tmp_path):

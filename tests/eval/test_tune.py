@@ -302,3 +302,64 @@ def test_cli_tune(tmp_path, capsys):
     assert "given twice" in capsys.readouterr().err
     assert main(args + ["--grid", "dola_layers=high", "--folds", "0"]) == 2
     assert "--folds 0: must be an integer >= 2" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Every cell is checked before any cell (or the baseline) runs
+# ------------------------------------------------------------------------------------------------
+
+
+def _count_evaluations(monkeypatch) -> list:
+    """Count the batches the runs evaluate (each one runs items through the model)."""
+    from contrastive_decoding.eval import runner
+
+    calls, original = [], runner._evaluate_checked
+
+    def evaluate(benchmark, ctx, batch, strategy):
+        calls.append(len(batch))
+        return original(benchmark, ctx, batch, strategy)
+
+    monkeypatch.setattr(runner, "_evaluate_checked", evaluate)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "grid, fragments",
+    [
+        # The issue: [99] was found only after the baseline and the first cell had run in full.
+        ("dola_layers=high,[99]", ["--grid cell dola_layers=[99]", "--param dola_layers=[99]", "6-layer"]),
+        ("dola_layers=high,2,99", ["--grid cell dola_layers=99", "--param dola_layers=99", "6-layer"]),
+        (
+            "dola_layers=high;min_tokens_to_keep=1,100000",
+            ["--grid cell dola_layers=high, min_tokens_to_keep=100000", "vocabulary"],
+        ),
+    ],
+)
+def test_model_dependent_cell_values_are_checked_before_any_run(tmp_path, monkeypatch, grid, fragments):
+    data = write_mc(tmp_path)
+    calls = _count_evaluations(monkeypatch)
+    with pytest.raises(EvalError) as info:
+        run_tune(_cfg(tmp_path, data, grid=grid), model=tiny_model(), tokenizer=char_tokenizer())
+    message = str(info.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+    assert calls == []  # neither the baseline nor any cell ran
+    assert not (tmp_path / "tune").exists()
+
+
+def test_cli_tune_checks_every_cell_and_the_baseline_first(tmp_path, capsys, monkeypatch):
+    data = write_mc(tmp_path)
+    model_dir = tiny_model_dir(str(tmp_path))
+    calls = _count_evaluations(monkeypatch)
+    out = tmp_path / "t"
+    capsys.readouterr()  # what saving the model folder printed
+    args = ["tune", "-b", "tfqa-hf", "-s", "dola", "-m", str(model_dir), "--data", str(data), "--no-progress"]
+    assert main([*args, "--out", str(out), "--grid", "dola_layers=high,[99]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--grid cell dola_layers=[99]" in err[0] and "99" in err[0], err
+    assert calls == [] and not out.exists()
+    # A bad --baseline is named as --baseline (it is no --strategy here), before the model loads.
+    absent = ["-m", str(tmp_path / "no-model")]
+    assert main([*args, *absent, "--out", str(out), "--grid", "dola_layers=high", "--baseline", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --baseline 'bogus' is unknown; valid:"), err
+    assert "--strategy" not in err[0] and calls == [] and not out.exists()

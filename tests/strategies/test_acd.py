@@ -15,24 +15,21 @@ import pytest
 import torch
 from conftest import (
     assert_refused_before_attaching,
-    assert_restored_after_block,
-    assert_same_state,
-    char_tokenizer,
-    model_state,
+    assert_scores_match_reference,
+    greedy_processor_generate,
+    processor_step,
     prompt_ids,
+    reference_greedy,
 )
 from reference_impl import early_exit
 
-from contrastive_decoding import score_continuations
-from contrastive_decoding.strategies.acd import AutoContrastive, AutoContrastiveLogitsProcessor
+from contrastive_decoding.backends.hf.named import AutoContrastiveLogitsProcessor
+from contrastive_decoding.strategies.acd import AutoContrastive
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 5
-EOS = 2
 MIDDLE = 3  # N // 2 for the six-layer tiny models
-PROMPT = "Q: Where is the Eiffel tower? A:"
-CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
 
 
 def _reference_acd(final: torch.Tensor, amateur: torch.Tensor, alpha: float = 0.1):
@@ -52,12 +49,8 @@ def _reference_step(model, ids, layer=MIDDLE, final_norm=True, alpha=0.1):
     return _reference_acd(out.logits[:, -1], amateur, alpha)
 
 
-@torch.no_grad()
 def _processor_step(model, ids, **kwargs):
-    with AutoContrastiveLogitsProcessor(model, **kwargs) as proc:
-        scores = model(ids).logits[:, -1].float()
-        out = proc(ids, scores)
-    return proc, out
+    return processor_step(AutoContrastiveLogitsProcessor, model, ids, **kwargs)
 
 
 def test_layer_resolution_and_repr():
@@ -134,43 +127,19 @@ def test_single_token_head_set_is_the_expert(tiny_model):
 def test_greedy_generate_equals_uncached_loop(tiny_model):
     ids = prompt_ids(batch=2)
     with AutoContrastiveLogitsProcessor(tiny_model) as proc:
-        out = tiny_model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            logits_processor=[proc],
-            do_sample=False,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-        )
-    seq = ids
-    for _ in range(STEPS):
-        log_p, _, _ = _reference_step(tiny_model, seq)
-        log_p[:, EOS] = -torch.inf  # min_new_tokens
-        seq = torch.cat([seq, log_p.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+        out = greedy_processor_generate(tiny_model, proc, ids, STEPS)
+    assert torch.equal(out, reference_greedy(lambda seq: _reference_step(tiny_model, seq)[0], ids, STEPS))
 
 
 @pytest.mark.parametrize("protocol", ["paper", "normalized"])
 def test_score_continuations_equals_reference(tiny_model, protocol):
-    tokenizer = char_tokenizer()
-    before = model_state(tiny_model)
-    got = score_continuations(
-        tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=AutoContrastive(layer=2), protocol=protocol
-    )
-    assert_same_state(before, model_state(tiny_model))
-    n_prefix = len(tokenizer(PROMPT)["input_ids"])
-    for cont, score in zip(CONTINUATIONS, got, strict=True):
-        full = tokenizer(PROMPT + cont)["input_ids"]
-        pos = torch.arange(n_prefix - 1, len(full) - 1)
-        targets = torch.tensor(full[n_prefix:])
-        with torch.no_grad():
-            out = tiny_model(torch.tensor([full]), output_hidden_states=True)
-            amateur = early_exit(tiny_model, out.hidden_states[2][0, pos], True)
+    def reference(full, pos, targets):
+        out = tiny_model(torch.tensor([full]), output_hidden_states=True)
+        amateur = early_exit(tiny_model, out.hidden_states[2][0, pos], True)
         log_p, _, _ = _reference_acd(out.logits[0, pos], amateur)
-        expected = log_p.gather(-1, targets[:, None]).squeeze(-1)
-        assert score.token_ids == full[n_prefix:]
-        torch.testing.assert_close(score.token_scores.double(), expected, rtol=1e-4, atol=1e-4)
-        assert score.total == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-3)
+        return log_p.gather(-1, targets[:, None]).squeeze(-1)
+
+    assert_scores_match_reference(tiny_model, AutoContrastive(layer=2), reference, protocol)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +158,3 @@ def test_score_continuations_equals_reference(tiny_model, protocol):
 )
 def test_bad_arguments_raise_before_any_hook(tiny_model, kwargs, fragment):
     assert_refused_before_attaching(tiny_model, AutoContrastiveLogitsProcessor, kwargs, fragment)
-
-
-def test_state_restored_after_processor_block(tiny_model):
-    assert_restored_after_block(tiny_model, AutoContrastiveLogitsProcessor)

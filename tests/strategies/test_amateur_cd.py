@@ -3,6 +3,8 @@
 The reference runs the expert and the amateur uncached on the whole sequence at every step and
 writes ``log_softmax(expert) - log_softmax(amateur / T)`` with the plausibility threshold
 ``log p >= max log p + log(relative_top)`` out by hand; scoring runs each continuation alone.
+Beam search refused and the model restored after errors are checked for every strategy by
+``tests/backends/hf/test_strategy_contract.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from conftest import assert_same_state, cached_model, char_tokenizer, model_state
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import StoppingCriteria
 
 from contrastive_decoding import (
     ContrastiveDecoding,
@@ -251,44 +252,6 @@ def test_vocabulary_mismatch_refused_before_attaching(tokenizer):
         expert, ContrastiveDecoding(same_size, amateur_tokenizer=char_tokenizer()), tokenizer=tokenizer
     ).detach()
     assert_same_state(before[0], model_state(expert))
-
-
-def test_beam_search_is_refused_and_state_restored(tokenizer):
-    expert, amateur = _pair("llama")
-    before = (model_state(expert), model_state(amateur))
-    strategy = ContrastiveDecoding(amateur)
-    with pytest.raises(RuntimeError, match="beam search"):
-        _processor_generate(expert, strategy, tokenizer, input_ids=_ids(tokenizer), num_beams=3)
-    with pytest.raises(ValueError, match="`num_beams=3` is not supported"):
-        _loop_generate(expert, strategy, tokenizer, input_ids=_ids(tokenizer), num_beams=3)
-    assert_same_state(before[0], model_state(expert))
-    assert_same_state(before[1], model_state(amateur))
-
-
-class Boom(StoppingCriteria):
-    def __call__(self, input_ids, scores, **kwargs):
-        raise RuntimeError("boom")
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_state_restored_after_exceptions(family, tokenizer):
-    expert, amateur = _pair(family)
-    before = (model_state(expert), model_state(amateur))
-    strategy = ContrastiveDecoding(amateur)
-    with pytest.raises(RuntimeError, match="boom"):
-        _loop_generate(
-            expert, strategy, tokenizer, input_ids=_ids(tokenizer), stopping_criteria=[Boom()], steps=3
-        )
-    assert_same_state(before[0], model_state(expert))
-    with pytest.raises(RuntimeError, match="boom"):
-        with ContrastLogitsProcessor(expert, strategy, tokenizer=tokenizer) as proc:
-            expert.generate(
-                _ids(tokenizer), logits_processor=[proc], stopping_criteria=[Boom()], max_new_tokens=3
-            )
-    assert_same_state(before[0], model_state(expert))
-    assert_same_state(before[1], model_state(amateur))
-    with pytest.raises(RuntimeError, match="detached"):
-        proc(_ids(tokenizer), torch.zeros(1, 96))
 
 
 @pytest.mark.parametrize(

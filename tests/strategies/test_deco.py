@@ -17,24 +17,27 @@ import pytest
 import torch
 from conftest import (
     assert_refused_before_attaching,
-    assert_restored_after_block,
-    assert_same_state,
-    char_tokenizer,
-    model_state,
+    assert_scores_match_reference,
+    greedy_processor_generate,
+    processor_step,
     prompt_ids,
+    reference_greedy,
 )
 from reference_impl import early_exit
 
-from contrastive_decoding import score_continuations
-from contrastive_decoding.strategies.deco import DECO_LATE_LAYERS, DeCo, DeCoLogitsProcessor
+from contrastive_decoding import ContrastInputs
+from contrastive_decoding.backends.hf.named import DeCoLogitsProcessor
+from contrastive_decoding.strategies.deco import DECO_LATE_LAYERS, DeCo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 5
-EOS = 2
 DEFAULT_LAYERS = [4, 5]  # round(20/32 * 6) .. round(28/32 * 6) for the six-layer tiny models
-PROMPT = "Q: Where is the Eiffel tower? A:"
-CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
+
+
+def _inputs(final: torch.Tensor, layer_logits: torch.Tensor) -> ContrastInputs:
+    """A step's inputs from given logits, ``(R, V)`` and ``(J, R, V)``."""
+    return ContrastInputs(final=final, layer_logits=layer_logits)
 
 
 def _reference_row(final, exits, alpha=0.6, top_k=20, top_p=0.9):
@@ -78,12 +81,8 @@ def _reference_step(model, ids, layers=DEFAULT_LAYERS, final_norm=True, **kwargs
     return torch.stack(rows), chosen
 
 
-@torch.no_grad()
 def _processor_step(model, ids, **kwargs):
-    with DeCoLogitsProcessor(model, **kwargs) as proc:
-        scores = model(ids).logits[:, -1].float()
-        out = proc(ids, scores)
-    return proc, out
+    return processor_step(DeCoLogitsProcessor, model, ids, **kwargs)
 
 
 def _assert_same_scores(got, expected):
@@ -158,7 +157,7 @@ def test_vectorised_contrast_equals_loops(seed):
     final = torch.randn(5, 40, generator=g) * 3
     layer_logits = torch.randn(4, 5, 40, generator=g) * 3
     deco = DeCo(alpha=0.55, top_k=7, top_p=0.8)
-    out = deco.contrast(final, layer_logits)
+    out = deco.step(_inputs(final, layer_logits))
     for b in range(5):
         masked, _, chosen, _ = _reference_row(final[b], list(layer_logits[:, b]), 0.55, 7, 0.8)
         _assert_same_scores(out.scores[b], masked)
@@ -173,59 +172,45 @@ def test_layer_choice_follows_the_most_confident_exit():
     layers[1, :, 5] = 50.0
     layers[2, 0, 1] = 10.0
     layers[0, 1, 0] = 10.0
-    out = DeCo(alpha=1.0).contrast(final, layers)
+    out = DeCo(alpha=1.0).step(_inputs(final, layers))
     assert out.chosen.tolist() == [2, 0]
     q = torch.softmax(torch.tensor([0.0, 10, 0, 0, 0, 0]), -1)[1]
     torch.testing.assert_close(out.scores[0, :2], final[0, :2] + q * layers[2, 0, :2])
     assert bool(torch.isinf(out.scores[:, 2:]).all())
-    tie = DeCo().contrast(final, torch.zeros(3, 2, 6))
+    tie = DeCo().step(_inputs(final, torch.zeros(3, 2, 6)))
     assert tie.chosen.tolist() == [0, 0]
 
 
 def test_greedy_generate_equals_uncached_loop(tiny_model):
     ids = prompt_ids(batch=2)
     with DeCoLogitsProcessor(tiny_model) as proc:
-        out = tiny_model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            logits_processor=[proc],
-            do_sample=False,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-        )
+        out = greedy_processor_generate(tiny_model, proc, ids, STEPS)
         history = proc.chosen_layers
-    seq, expected_history = ids, []
-    for _ in range(STEPS):
+    expected_history = []
+
+    def step(seq):
         scores, chosen = _reference_step(tiny_model, seq)
-        scores[:, EOS] = -torch.inf  # min_new_tokens
         expected_history.append([DEFAULT_LAYERS[c] for c in chosen])
-        seq = torch.cat([seq, scores.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+        return scores
+
+    assert torch.equal(out, reference_greedy(step, ids, STEPS))
     assert history.tolist() == expected_history
 
 
 @pytest.mark.parametrize("protocol", ["paper", "normalized"])
 def test_score_continuations_equals_reference(tiny_model, protocol):
-    tokenizer = char_tokenizer()
     layers = [2, 4]
-    before = model_state(tiny_model)
-    got = score_continuations(
-        tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=DeCo(layers=layers), protocol=protocol
-    )
-    assert_same_state(before, model_state(tiny_model))
-    n_prefix = len(tokenizer(PROMPT)["input_ids"])
-    floored = 0
-    for cont, score in zip(CONTINUATIONS, got, strict=True):
-        full = tokenizer(PROMPT + cont)["input_ids"]
-        with torch.no_grad():
-            out = tiny_model(torch.tensor([full]), output_hidden_states=True)
-            hidden = [out.hidden_states[j][0] for j in layers]
-            exits_at = [[early_exit(tiny_model, h[pos], True) for h in hidden] for pos in range(len(full))]
+    scored = floored = 0
+
+    def reference(full, positions, targets):
+        nonlocal scored, floored
+        out = tiny_model(torch.tensor([full]), output_hidden_states=True)
+        hidden = [out.hidden_states[j][0] for j in layers]
         expected = []
-        for pos in range(n_prefix - 1, len(full) - 1):
-            exits = exits_at[pos]
+        for pos, target in zip(positions.tolist(), targets.tolist(), strict=True):
+            exits = [early_exit(tiny_model, h[pos], True) for h in hidden]
             masked, unmasked, _, candidates = _reference_row(out.logits[0, pos], exits)
-            target = full[pos + 1]
+            scored += 1
             if target not in candidates:
                 expected.append(-1000.0)
                 floored += 1
@@ -233,11 +218,10 @@ def test_score_continuations_equals_reference(tiny_model, protocol):
                 expected.append(float(torch.log_softmax(masked, -1)[target]))
             else:
                 expected.append(float(torch.log_softmax(unmasked, -1)[target]))
-        expected = torch.tensor(expected, dtype=torch.float64)
-        assert score.token_ids == full[n_prefix:]
-        torch.testing.assert_close(score.token_scores.double(), expected, rtol=1e-4, atol=1e-4)
-        assert score.total == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-3)
-    assert floored < sum(len(c) for c in CONTINUATIONS)  # not every target is floored
+        return torch.tensor(expected, dtype=torch.float64)
+
+    assert_scores_match_reference(tiny_model, DeCo(layers=layers), reference, protocol)
+    assert floored < scored  # not every target is floored
 
 
 @pytest.mark.parametrize(
@@ -261,7 +245,3 @@ def test_score_continuations_equals_reference(tiny_model, protocol):
 )
 def test_bad_arguments_raise_before_any_hook(tiny_model, kwargs, fragment):
     assert_refused_before_attaching(tiny_model, DeCoLogitsProcessor, kwargs, fragment)
-
-
-def test_state_restored_after_processor_block(tiny_model):
-    assert_restored_after_block(tiny_model, DeCoLogitsProcessor)

@@ -1,4 +1,8 @@
-"""DoLa's layer buckets, argument validation, and model state around errors."""
+"""DoLa's layer buckets, argument validation, and its processor's layer history, row check and warning.
+
+The model restored after errors (processor and loop) is checked for every strategy by
+``tests/backends/hf/test_strategy_contract.py``.
+"""
 
 from __future__ import annotations
 
@@ -81,48 +85,6 @@ def test_loop_refuses_options_it_cannot_honour(tiny_model):
             output_hidden_states=True,
         )
     assert_same_state(before, model_state(tiny_model))
-
-
-class Boom(RuntimeError):
-    pass
-
-
-def _explode_at_step(model, step):
-    calls = {"n": 0}
-
-    def hook(module, args):
-        calls["n"] += 1
-        if calls["n"] > step:
-            raise Boom("stop")
-
-    return model.register_forward_pre_hook(hook)
-
-
-def test_state_restored_after_exception_in_loop(tiny_model):
-    before = model_state(tiny_model)
-    handle = _explode_at_step(tiny_model, 2)
-    before_with_probe = model_state(tiny_model)
-    try:
-        with pytest.raises(Boom):
-            tiny_model.generate(prompt_ids(), custom_generate=dola_generate, max_new_tokens=5)
-        assert_same_state(before_with_probe, model_state(tiny_model))
-    finally:
-        handle.remove()
-    assert_same_state(before, model_state(tiny_model))
-
-
-def test_state_restored_after_exception_in_processor_block(tiny_model):
-    before = model_state(tiny_model)
-    with pytest.raises(Boom):
-        with DoLaLogitsProcessor(tiny_model, "high") as proc:
-            handle = _explode_at_step(tiny_model, 2)
-            try:
-                tiny_model.generate(prompt_ids(), logits_processor=[proc], max_new_tokens=5)
-            finally:
-                handle.remove()
-    assert_same_state(before, model_state(tiny_model))
-    with pytest.raises(RuntimeError, match="detached"):
-        proc(prompt_ids(), torch.zeros(1, tiny_model.config.vocab_size))
 
 
 def test_processor_reset_and_history(tiny_model):

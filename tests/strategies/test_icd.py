@@ -245,22 +245,14 @@ def test_text_instruction_needs_the_tokenizer_before_attaching(tokenizer):
     assert_same_state(before, model_state(model))
 
 
-def test_beam_search_is_refused_and_state_restored(tokenizer):
-    model = _model("llama")
-    before = model_state(model)
-    with pytest.raises(RuntimeError, match="beam search"):
-        _processor_generate(
-            model, InducedContrast(INSTRUCTION), tokenizer, input_ids=_ids(tokenizer), num_beams=3
-        )
-    assert_same_state(before, model_state(model))
-
-
 class Boom(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         raise RuntimeError("boom")
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+# Beam search refused and the model restored after errors: the shared tester (llama, gpt2) checks
+# them for every strategy; here on one more family.
+@pytest.mark.parametrize("family", ["opt"])
 def test_state_restored_after_exceptions(family, tokenizer):
     model = _model(family)
     before = model_state(model)

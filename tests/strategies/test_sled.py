@@ -18,24 +18,27 @@ import torch
 from conftest import (
     VOCAB,
     assert_refused_before_attaching,
-    assert_restored_after_block,
-    assert_same_state,
-    char_tokenizer,
-    model_state,
+    assert_scores_match_reference,
+    greedy_processor_generate,
+    processor_step,
     prompt_ids,
+    reference_greedy,
 )
 from reference_impl import early_exit
 
-from contrastive_decoding import score_continuations
-from contrastive_decoding.strategies.sled import SLED, SLEDLogitsProcessor
+from contrastive_decoding import ContrastInputs
+from contrastive_decoding.backends.hf.named import SLEDLogitsProcessor
+from contrastive_decoding.strategies.sled import SLED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 4
-EOS = 2
 LAYERS = 6
-PROMPT = "Q: Where is the Eiffel tower? A:"
-CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
+
+
+def _inputs(final: torch.Tensor, layer_logits: torch.Tensor) -> ContrastInputs:
+    """A step's inputs from given logits, ``(R, V)`` and ``(J, R, V)``."""
+    return ContrastInputs(final=final, layer_logits=layer_logits)
 
 
 def _reference_row(final, layers, scale=75, rate=2.5, lower=-100.0, steps=10):
@@ -103,12 +106,8 @@ def _reference_step(model, ids, layers=range(LAYERS), final_norm=False, **kwargs
     return _reference_logits(final, exits, **kwargs)
 
 
-@torch.no_grad()
 def _processor_step(model, ids, **kwargs):
-    with SLEDLogitsProcessor(model, **kwargs) as proc:
-        scores = model(ids).logits[:, -1].float()
-        out = proc(ids, scores)
-    return proc, out
+    return processor_step(SLEDLogitsProcessor, model, ids, **kwargs)
 
 
 def test_defaults_layers_and_repr():
@@ -132,7 +131,7 @@ def test_latent_on_random_logits_matches_reference():
             evolution_steps=kwargs.get("steps", 10),
             evolution_lower_bound=kwargs.get("lower", -100.0),
         )
-        out = sled.contrast(final, layers)
+        out = sled.step(_inputs(final, layers))
         assert out.chosen is None
         expected, mask = _reference_logits(final, layers, **kwargs)
         torch.testing.assert_close(out.scores.double(), expected, rtol=1e-5, atol=1e-5)
@@ -144,7 +143,7 @@ def test_latent_on_random_logits_matches_reference():
 def test_zero_rate_keeps_the_final_logits_on_candidates():
     g = torch.Generator().manual_seed(1)
     final, layers = torch.randn(2, 30, generator=g), torch.randn(3, 2, 30, generator=g)
-    out = SLED(evolution_rate=0.0, evolution_scale=5).contrast(final, layers).scores
+    out = SLED(evolution_rate=0.0, evolution_scale=5).step(_inputs(final, layers)).scores
     top = final.topk(5).indices
     torch.testing.assert_close(out.gather(-1, top), final.gather(-1, top))
     assert int((out == -100.0).sum()) == 2 * 25
@@ -153,7 +152,7 @@ def test_zero_rate_keeps_the_final_logits_on_candidates():
 def test_inputs_not_edited():
     final, layers = torch.randn(2, 30), torch.randn(3, 2, 30)
     f0, l0 = final.clone(), layers.clone()
-    SLED(evolution_scale=5).contrast(final, layers)
+    SLED(evolution_scale=5).step(_inputs(final, layers))
     assert torch.equal(final, f0) and torch.equal(layers, l0)
 
 
@@ -192,48 +191,26 @@ def test_step_scores_match_reference(tiny_model, kwargs):
 def test_greedy_generate_equals_uncached_loop(tiny_model):
     ids = prompt_ids(batch=2)
     with SLEDLogitsProcessor(tiny_model, evolution_scale=20) as proc:
-        out = tiny_model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            logits_processor=[proc],
-            do_sample=False,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-        )
-    seq = ids
-    for _ in range(STEPS):
-        logits, _ = _reference_step(tiny_model, seq, scale=20)
-        logits[:, EOS] = -torch.inf  # min_new_tokens
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+        out = greedy_processor_generate(tiny_model, proc, ids, STEPS)
+    expected = reference_greedy(lambda seq: _reference_step(tiny_model, seq, scale=20)[0], ids, STEPS)
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize(
     ("protocol", "post_softmax"), [("paper", True), ("paper", False), ("normalized", True)]
 )
 def test_score_continuations_equals_reference(tiny_model, protocol, post_softmax):
-    tokenizer = char_tokenizer()
-    before = model_state(tiny_model)
-    strategy = SLED(evolution_scale=30, post_softmax=post_softmax)
-    got = score_continuations(
-        tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy, protocol=protocol
-    )
-    assert_same_state(before, model_state(tiny_model))
-    n_prefix = len(tokenizer(PROMPT)["input_ids"])
-    for cont, score in zip(CONTINUATIONS, got, strict=True):
-        full = tokenizer(PROMPT + cont)["input_ids"]
-        pos = torch.arange(n_prefix - 1, len(full) - 1)
-        targets = torch.tensor(full[n_prefix:])
+    def reference(full, pos, targets):
         final, exits = _exits(tiny_model, torch.tensor([full]), pos)
         evolved, mask = _reference_logits(final, exits, scale=30)
         if protocol == "normalized":
             evolved = torch.where(mask, torch.log_softmax(evolved, -1), -1000.0)
         elif post_softmax:
             evolved = torch.log_softmax(evolved, -1)
-        expected = evolved.gather(-1, targets[:, None]).squeeze(-1)
-        assert score.token_ids == full[n_prefix:]
-        torch.testing.assert_close(score.token_scores.double(), expected, rtol=1e-4, atol=1e-4)
-        assert score.total == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-3)
+        return evolved.gather(-1, targets[:, None]).squeeze(-1)
+
+    strategy = SLED(evolution_scale=30, post_softmax=post_softmax)
+    assert_scores_match_reference(tiny_model, strategy, reference, protocol)
 
 
 def test_scale_above_vocab_is_capped(tiny_model):
@@ -263,7 +240,3 @@ def test_scale_above_vocab_is_capped(tiny_model):
 )
 def test_bad_arguments_raise_before_any_hook(tiny_model, kwargs, fragment):
     assert_refused_before_attaching(tiny_model, SLEDLogitsProcessor, kwargs, fragment)
-
-
-def test_state_restored_after_processor_block(tiny_model):
-    assert_restored_after_block(tiny_model, SLEDLogitsProcessor)

@@ -13,23 +13,19 @@ import pytest
 import torch
 from conftest import (
     assert_refused_before_attaching,
-    assert_restored_after_block,
-    assert_same_state,
-    char_tokenizer,
-    model_state,
+    assert_scores_match_reference,
+    greedy_processor_generate,
     prompt_ids,
+    reference_greedy,
 )
 from reference_impl import early_exit
 
-from contrastive_decoding import score_continuations
-from contrastive_decoding.strategies.vista import VISTA_LATE_LAYERS, VistaLogits, VistaLogitsProcessor
+from contrastive_decoding.backends.hf.named import VistaLogitsProcessor
+from contrastive_decoding.strategies.vista import VISTA_LATE_LAYERS, VistaLogits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 5
-EOS = 2
-PROMPT = "Q: Where is the Eiffel tower? A:"
-CONTINUATIONS = [" Paris.", " In Rome, Italy.", " x"]
 
 
 @torch.no_grad()
@@ -88,44 +84,19 @@ def test_zero_weight_is_the_model_itself(tiny_model):
 def test_greedy_generate_equals_uncached_loop(tiny_model):
     ids = prompt_ids(batch=2)
     with VistaLogitsProcessor(tiny_model) as proc:
-        out = tiny_model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            logits_processor=[proc],
-            do_sample=False,
-            max_new_tokens=STEPS,
-            min_new_tokens=STEPS,
-        )
-    seq = ids
-    for _ in range(STEPS):
-        mixed = _reference_mixed(tiny_model, seq, [5])
-        mixed[:, EOS] = -torch.inf  # min_new_tokens
-        seq = torch.cat([seq, mixed.argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(out, seq)
+        out = greedy_processor_generate(tiny_model, proc, ids, STEPS)
+    assert torch.equal(out, reference_greedy(lambda seq: _reference_mixed(tiny_model, seq, [5]), ids, STEPS))
 
 
 @pytest.mark.parametrize("protocol", ["paper", "normalized"])
 def test_score_continuations_equals_reference(tiny_model, protocol):
-    tokenizer = char_tokenizer()
-    strategy = VistaLogits(late_layers=[2, 4])
-    before = model_state(tiny_model)
-    got = score_continuations(
-        tiny_model, tokenizer, PROMPT, CONTINUATIONS, strategy=strategy, protocol=protocol
-    )
-    assert_same_state(before, model_state(tiny_model))
-    n_prefix = len(tokenizer(PROMPT)["input_ids"])
-    for cont, score in zip(CONTINUATIONS, got, strict=True):
-        full = tokenizer(PROMPT + cont)["input_ids"]
-        pos = torch.arange(n_prefix - 1, len(full) - 1)
-        targets = torch.tensor(full[n_prefix:])
-        with torch.no_grad():
-            out = tiny_model(torch.tensor([full]), output_hidden_states=True)
-            exits = [early_exit(tiny_model, out.hidden_states[j][0, pos]).double() for j in (2, 4)]
+    def reference(full, pos, targets):
+        out = tiny_model(torch.tensor([full]), output_hidden_states=True)
+        exits = [early_exit(tiny_model, out.hidden_states[j][0, pos]).double() for j in (2, 4)]
         mixed = 0.3 * (exits[0] + exits[1]) / 2 + 0.7 * out.logits[0, pos].double()
-        expected = torch.log_softmax(mixed, -1).gather(-1, targets[:, None]).squeeze(-1)
-        assert score.token_ids == full[n_prefix:]
-        torch.testing.assert_close(score.token_scores.double(), expected, rtol=1e-4, atol=1e-4)
-        assert score.total == pytest.approx(float(expected.sum()), rel=1e-4, abs=1e-3)
+        return torch.log_softmax(mixed, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+    assert_scores_match_reference(tiny_model, VistaLogits(late_layers=[2, 4]), reference, protocol)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +116,3 @@ def test_score_continuations_equals_reference(tiny_model, protocol):
 )
 def test_bad_arguments_raise_before_any_hook(tiny_model, kwargs, fragment):
     assert_refused_before_attaching(tiny_model, VistaLogitsProcessor, kwargs, fragment)
-
-
-def test_state_restored_after_processor_block(tiny_model):
-    assert_restored_after_block(tiny_model, VistaLogitsProcessor)

@@ -1,0 +1,1 @@
+"""Backends: where strategies run. ``hf`` runs them inside transformers models."""
