@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_strategy_contract as contract
 import torch
 import torch.nn.functional as F
 from conftest import cached_model, char_tokenizer
@@ -34,10 +33,12 @@ from contrastive_decoding.backends.hf.frontends import generate_function, logits
 from contrastive_decoding.core.plausibility import check_min_tokens_to_keep, check_relative_top
 from contrastive_decoding.core.validation import check_flag, check_number
 
-_EVAL_TESTS = str(Path(__file__).resolve().parent / "eval")
-if _EVAL_TESTS not in sys.path:
-    sys.path.append(_EVAL_TESTS)
+_TESTS = Path(__file__).resolve().parent
+for _folder in (_TESTS / "eval", _TESTS / "backends" / "hf"):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 import evalkit  # noqa: E402 - the harness tests' helpers (tiny model, tokenizer, data files)
+import test_strategy_contract as contract  # noqa: E402 - the shared tester, run on this strategy too
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
