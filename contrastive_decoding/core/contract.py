@@ -145,6 +145,14 @@ class ContrastInputs:
         return self._cache[key]
 
     @property
+    def final_log_probs(self) -> torch.Tensor:
+        """``log_softmax`` of :attr:`final` in float32, ``(R, V)``, computed once per step: the
+        plausibility filter and most contrasts read it."""
+        if "final_log_probs" not in self._cache:
+            self._cache["final_log_probs"] = F.log_softmax(self.final.float(), dim=-1)
+        return self._cache["final_log_probs"]
+
+    @property
     def layers(self) -> torch.Tensor:
         """Early-exit logits of the intact stream at the declared layers, ``(J, R, V)``."""
         states = None if self._states is None else self._states[:, 0]
@@ -325,9 +333,7 @@ class ContrastStrategy:
         """The tokens that may win, ``(R, V)`` bool (``None``: all)."""
         if self.relative_top is None:
             return None
-        return plausible_mask(
-            F.log_softmax(inputs.final.float(), -1), self.relative_top, self.min_tokens_to_keep
-        )
+        return plausible_mask(inputs.final_log_probs, self.relative_top, self.min_tokens_to_keep)
 
     def _combined(self, inputs: ContrastInputs) -> ContrastOutput:
         out = self.combine(inputs)

@@ -78,7 +78,7 @@ def layerwise_is_exact(
 
 
 def divergence_by_layer(
-    final_logits: torch.Tensor, layer_logits: torch.Tensor
+    final_logits: torch.Tensor, layer_logits: torch.Tensor, log_p: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``"reference"`` divergence, one candidate layer at a time, and ``log_p``.
 
@@ -88,11 +88,14 @@ def divergence_by_layer(
     log-softmaxes are not kept: recompute a chosen row's with ``F.log_softmax`` (bit-identical to
     slicing the stacked one).
 
+    Args:
+        log_p: ``F.log_softmax(final_logits.float(), -1)`` when the caller has it already.
+
     Returns:
         ``(divergence (J, ...), log_p (..., V))``.
     """
     final_logits = final_logits.float()
-    log_p = F.log_softmax(final_logits, dim=-1)
+    log_p = F.log_softmax(final_logits, dim=-1) if log_p is None else log_p
     final_probs = F.softmax(final_logits, dim=-1)
     kl1 = torch.empty(layer_logits.shape[:-1], dtype=torch.float32, device=layer_logits.device)
     kl2 = torch.empty_like(kl1)
@@ -109,15 +112,19 @@ def divergence_and_log_probs(
     final_logits: torch.Tensor,
     layer_logits: torch.Tensor,
     kind: Literal["reference", "jsd"] = "reference",
+    log_p: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`layer_divergence`, plus the float32 log-softmaxes it computed, for reuse.
+
+    Args:
+        log_p: ``F.log_softmax(final_logits.float(), -1)`` when the caller has it already.
 
     Returns:
         ``(divergence (J, ...), log_p (..., V), log_q (J, ..., V))``.
     """
     final_logits = final_logits.float()
     layer_logits = layer_logits.float()
-    log_p = F.log_softmax(final_logits, dim=-1)
+    log_p = F.log_softmax(final_logits, dim=-1) if log_p is None else log_p
     log_q = F.log_softmax(layer_logits, dim=-1)
     if kind == "reference":
         # F.kl_div(inp, m) is xlogy(m, m) - m * inp; xlogy(m, m) is shared by both terms. Written

@@ -168,28 +168,30 @@ class DoLa(ContrastStrategy):
         return dola_candidate_layers(self.dola_layers, readout.num_layers, readout.tied_embeddings)
 
     def _choose(
-        self, final_logits: torch.Tensor, layer_logits: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: the index into the candidate list, and the float32 log-softmaxes of the final
-        and of the chosen premature logits, ``((rows,), (rows, V), (rows, V))``."""
+        self, final_logits: torch.Tensor, layer_logits: torch.Tensor, final_lp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the index into the candidate list and the float32 log-softmax of the chosen
+        premature logits, ``((rows,), (rows, V))``, given the final log-softmax ``final_lp``."""
         rows = final_logits.shape[0]
         if layer_logits.shape[0] == 1:
             index = torch.zeros(rows, dtype=torch.long, device=final_logits.device)
-            final_lp = F.log_softmax(final_logits.float(), dim=-1)
-            return index, final_lp, F.log_softmax(layer_logits[0].float(), dim=-1)
+            return index, F.log_softmax(layer_logits[0].float(), dim=-1)
         by_layer = layerwise_is_exact(final_logits, layer_logits, self.divergence)
         if by_layer:  # the same numbers with a fraction of the memory (large vocabularies)
-            div, final_lp = divergence_by_layer(final_logits, layer_logits)
+            div, _ = divergence_by_layer(final_logits, layer_logits, log_p=final_lp)
         else:
-            div, final_lp, layer_lp = divergence_and_log_probs(final_logits, layer_logits, self.divergence)
+            kind = self.divergence
+            div, _, layer_lp = divergence_and_log_probs(final_logits, layer_logits, kind, log_p=final_lp)
         index = div.mean(-1).argmax().expand(rows) if self.layer_choice == "batch_mean" else div.argmax(0)
         chosen = (index, torch.arange(rows, device=index.device))
         # The log-softmax of the chosen rows is bit-identical to the slice of the batched one.
         if by_layer:
-            return index, final_lp, F.log_softmax(layer_logits[chosen].float(), dim=-1)
-        return index, final_lp, layer_lp[chosen]
+            return index, F.log_softmax(layer_logits[chosen].float(), dim=-1)
+        return index, layer_lp[chosen]
 
     def combine(self, inputs: ContrastInputs) -> ContrastOutput:
-        # The default plausibility filter (relative_top of the final distribution) is DoLa's.
-        index, final_lp, base_lp = self._choose(inputs.final, inputs.layers)
+        # The default plausibility filter (relative_top of the final distribution) is DoLa's; it
+        # reads the same final log-softmax, computed once per step.
+        final_lp = inputs.final_log_probs
+        index, base_lp = self._choose(inputs.final, inputs.layers, final_lp)
         return ContrastOutput(final_lp - base_lp, index)

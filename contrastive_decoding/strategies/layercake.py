@@ -150,6 +150,6 @@ class LayerCake(ContrastStrategy):
 
     def combine(self, inputs: ContrastInputs) -> torch.Tensor:
         # The plausible set is the default one: relative_top of the intact stream's distribution.
-        final_lp = F.log_softmax(inputs.final.float(), dim=-1)
+        final_lp = inputs.final_log_probs
         amateur_lp = F.log_softmax(inputs.streams.float(), dim=-1).mean(0)
         return (1.0 + self.beta) * final_lp - amateur_lp
