@@ -15,7 +15,6 @@ from __future__ import annotations
 import inspect
 import json
 import math
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from contrastive_decoding.backends.hf.amateur import check_same_vocabulary
 from contrastive_decoding.backends.hf.generation import contrast_generate
 from contrastive_decoding.backends.hf.loading import load_model
 from contrastive_decoding.backends.hf.sources import ContrastSources
+from contrastive_decoding.core.validation import parse_param_pairs
 from contrastive_decoding.strategies import (
     StrategyInfo,
     get_strategy,
@@ -344,30 +344,17 @@ register(
 
 
 def parse_params(pairs: list[str] | None) -> dict[str, Any]:
-    """``["key=value", ...]`` into a dict; values are read as JSON where they parse
-    (``0.1``, ``true``, ``[14, 16]``), comma-separated integers as a list (``14,16``), else as
-    strings. Values are checked against the strategy by :func:`check_strategy` (``NaN`` parses
-    here, as Python's JSON reads it, and is refused there with the parameter's name).
+    """``["key=value", ...]`` into a dict (see :func:`~contrastive_decoding.core.validation.
+    parse_param_pairs`). Values are checked against the strategy by :func:`check_strategy` (``NaN``
+    parses here, as Python's JSON reads it, and is refused there with the parameter's name).
 
     Raises:
         EvalError: an item without ``=`` or with an empty key.
     """
-    params: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise EvalError(f"--param {pair!r}: write it as NAME=VALUE, e.g. --param dola_layers=high.")
-        raw = raw.strip()
-        if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)+", raw):
-            value: Any = [int(x) for x in raw.split(",")]
-        else:
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-        params[key] = value
-    return params
+    try:
+        return parse_param_pairs(pairs)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
 
 
 def resolve_name(name: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

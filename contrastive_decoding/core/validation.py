@@ -8,10 +8,12 @@ scores.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +26,7 @@ __all__ = [
     "check_token_ids",
     "check_usable_model",
     "model_vocab_size",
+    "parse_param_pairs",
 ]
 
 #: Scores are computed in float32: a parameter beyond this magnitude becomes ``inf`` there and
@@ -212,3 +215,30 @@ def looks_like_path(name: str) -> bool:
         or "\\" in name
         or not _HUB_ID.match(name)
     )
+
+
+def parse_param_pairs(pairs: Iterable[str] | None, option: str = "--param") -> dict[str, Any]:
+    """Command-line ``["key=value", ...]`` into a dict (the harness's and ``serve``'s ``--param``).
+
+    Values are read as JSON where they parse (``0.1``, ``true``, ``[14, 16]``), comma-separated
+    integers as a list (``14,16``), else as strings; the strategy checks them when it is built.
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key.
+    """
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"{option} {pair!r}: write it as NAME=VALUE, e.g. {option} dola_layers=high.")
+        raw = raw.strip()
+        if re.fullmatch(r"-?\d+(\s*,\s*-?\d+)+", raw):
+            value: Any = [int(x) for x in raw.split(",")]
+        else:
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+        params[key] = value
+    return params

@@ -19,6 +19,7 @@ from contrastive_decoding.backends.vllm.selection import (
     CONTRAST_KEY,
     ENGINE_KEY,
     Layout,
+    captured_layers,
     engine_settings,
     request_args,
     select,
@@ -36,6 +37,7 @@ def model_layout(model: str, layers: str | list[int] = "all", trust_remote_code:
     Raises:
         UnsupportedModelError: an architecture the vLLM backend does not read (the message lists
             the supported ones).
+        ValueError: ``layers`` outside the model.
     """
     from transformers import AutoConfig
 
@@ -49,7 +51,7 @@ def model_layout(model: str, layers: str | list[int] = "all", trust_remote_code:
             "transformers backend."
         )
     n = int(text.num_hidden_layers)
-    captured = tuple(range(n)) if layers == "all" else tuple(sorted(set(layers)))
+    captured = captured_layers(layers, n)
     layout = Layout(n, bool(getattr(text, "tie_word_embeddings", False)), int(text.vocab_size), captured)
     return architecture, layout
 
@@ -77,9 +79,6 @@ def engine_arguments(
     """
     settings = engine_settings(strategy, strategy_params, repetition_penalty, layers)
     architecture, layout = model_layout(model, settings["layers"], trust_remote_code)
-    bad = [k for k in layout.captured if not 0 <= k < layout.num_layers]
-    if bad:
-        raise ValueError(f"`layers` {bad} are outside 0..{layout.num_layers - 1} for {model}.")
     if strategy is not None:  # checked against the model now, not at the first request
         select({CONTRAST_KEY: strategy, **request_args(**dict(strategy_params or {}))}, None, layout)
     overrides = dict(hf_overrides or {})

@@ -10,13 +10,12 @@ the model's own head. One model per worker process: vLLM runs one engine's model
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["VllmLayerExits", "StepStates", "bind", "bound", "publish", "current", "take_records", "RECORDS"]
+__all__ = ["VllmLayerExits", "bind", "bound", "publish", "current", "take_records", "RECORDS"]
 
 
 class VllmLayerExits:
@@ -72,36 +71,32 @@ class VllmLayerExits:
         return logits.reshape(*shape[:-1], logits.shape[-1])
 
 
-@dataclass
-class StepStates:
-    """The captured layers' states at the rows vLLM samples this step, ``(rows, J, H)``."""
-
-    states: torch.Tensor
-
-
-_BOUND: list[VllmLayerExits] = []
-_STEP: list[StepStates] = []
+# This worker's model and the captured states of the rows it samples this step, ``(rows, J, H)``.
+_bound: VllmLayerExits | None = None
+_step: torch.Tensor | None = None
 # Request record key -> {output position: chosen layer}, read by the LLM wrapper after a run.
 RECORDS: dict[str, dict[int, int]] = {}
 
 
 def bind(exits: VllmLayerExits) -> None:
     """Make ``exits`` this worker's model (a new engine in the process replaces the old one)."""
-    _BOUND[:] = [exits]
-    _STEP.clear()
+    global _bound, _step
+    _bound, _step = exits, None
 
 
 def bound() -> VllmLayerExits | None:
-    return _BOUND[0] if _BOUND else None
+    return _bound
 
 
 def publish(states: torch.Tensor) -> None:
     """Called by the model's ``compute_logits``: the states of the rows about to be sampled."""
-    _STEP[:] = [StepStates(states)]
+    global _step
+    _step = states
 
 
-def current() -> StepStates | None:
-    return _STEP[0] if _STEP else None
+def current() -> torch.Tensor | None:
+    """The states :func:`publish` gave last, ``(rows, J, H)``."""
+    return _step
 
 
 def take_records(keys: list[str]) -> dict[str, list[int]]:

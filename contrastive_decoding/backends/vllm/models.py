@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from contrastive_decoding.backends.vllm import exits
-from contrastive_decoding.backends.vllm.selection import ENGINE_KEY
+from contrastive_decoding.backends.vllm.selection import ENGINE_KEY, captured_layers
 
 __all__ = [
     "AUX_ARCHITECTURES",
@@ -71,13 +71,7 @@ class _LayerExitModel:
         if blocks is None:
             raise UnsupportedModelError(f"{type(self).__name__}: could not find the decoder blocks.")
         num_layers = int(text.num_hidden_layers)
-        layers = settings.get("layers", "all")
-        captured = tuple(range(num_layers)) if layers == "all" else tuple(sorted(set(layers)))
-        bad = [k for k in captured if not 0 <= k < num_layers]
-        if bad:
-            raise UnsupportedModelError(
-                f"Engine `layers` {bad} are outside 0..{num_layers - 1} for this {num_layers}-layer model."
-            )
+        captured = captured_layers(settings.get("layers", "all"), num_layers)
         self._contrast_hidden = int(text.hidden_size)
         self._contrast_captured = captured
         self._contrast_hooked: list[torch.Tensor | None] | None = None

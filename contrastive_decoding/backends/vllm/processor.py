@@ -13,7 +13,7 @@ the reason is logged.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +24,6 @@ from contrastive_decoding.backends.vllm.selection import (
     ENGINE_KEY,
     PENALTY_KEY,
     RECORD_KEY,
-    Layout,
     Selection,
     frontend_context,
     select,
@@ -39,11 +38,27 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Row:
     selection: Selection | None  # None: refused
-    prompt: list[int] | None
     output: list[int]  # vLLM's live list of the request's output tokens
     penalty: float  # applied here after the contrast (1.0: none, or vLLM's own applies)
     record: str | None
     eos: int | None
+    # The tokens the penalty acts on (the prompt's, then the output's as they come), kept across
+    # steps so that each step reads only the new output tokens.
+    seen: set[int] = field(default_factory=set)
+    counted: int = 0  # output tokens folded into `seen`
+    seen_ids: torch.Tensor | None = None  # `seen` as a sorted tensor, rebuilt when it grows
+
+    def penalised_ids(self, device: torch.device) -> torch.Tensor | None:
+        grown = False
+        # With async scheduling the newest output entries may be placeholders (< 0), filled in later.
+        while self.counted < len(self.output) and self.output[self.counted] >= 0:
+            token = self.output[self.counted]
+            grown |= token not in self.seen
+            self.seen.add(token)
+            self.counted += 1
+        if grown or self.seen_ids is None:
+            self.seen_ids = torch.tensor(sorted(self.seen), dtype=torch.long, device=device)
+        return self.seen_ids if self.seen else None
 
 
 class ContrastLogitsProcessor(LogitsProcessor):
@@ -87,12 +102,9 @@ class ContrastLogitsProcessor(LogitsProcessor):
 
     def _admit(self, params: Any, prompt: list[int] | None, output: list[int]) -> _Row | None:
         extra = params.extra_args or {}
-        exits_ = exits.bound()
-        layout = None
-        if exits_ is not None:
-            layout = Layout(exits_.num_layers, exits_.tied_embeddings, exits_.vocab_size, exits_.captured)
+        exits_ = exits.bound()  # the served model's layout (a Layout by duck type), or None
         try:
-            selection = select(extra, self._engine, layout, self._cache)
+            selection = select(extra, self._engine, exits_, self._cache)
             if selection is not None and exits_ is None:
                 raise ValueError(
                     "this engine's model publishes no early exits: start it through "
@@ -102,15 +114,14 @@ class ContrastLogitsProcessor(LogitsProcessor):
             own_penalty = _check_penalties(selection, params)
         except ValueError as exc:
             logger.error("contrastive_decoding: request refused (it ends at once): %s", exc)
-            return _Row(None, prompt, output, 1.0, None, self._eos)
+            return _Row(None, output, 1.0, None, self._eos)
         if selection is None:
             return None
         record = extra.get(RECORD_KEY)
         if record is not None:
             exits.RECORDS[str(record)] = {}
-        return _Row(
-            selection, prompt, output, own_penalty, None if record is None else str(record), self._eos
-        )
+        seen = set(prompt or []) if own_penalty != 1.0 else set()
+        return _Row(selection, output, own_penalty, None if record is None else str(record), self._eos, seen)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self._rows:
@@ -126,16 +137,16 @@ class ContrastLogitsProcessor(LogitsProcessor):
                 continue
             groups.setdefault(row.selection.key, []).append(index)
         if groups:
-            step = exits.current()
+            states = exits.current()
             layer_exits = exits.bound()
-            if step is None or step.states.shape[0] != logits.shape[0]:
+            if states is None or states.shape[0] != logits.shape[0]:
                 raise RuntimeError(
                     "contrastive_decoding: the early exits published this step do not match the sampled "
-                    f"rows ({None if step is None else step.states.shape[0]} vs {logits.shape[0]}); "
+                    f"rows ({None if states is None else states.shape[0]} vs {logits.shape[0]}); "
                     "speculative decoding is not supported with layer contrast."
                 )
             for indices in groups.values():
-                self._contrast(out, logits, indices, [rows[i] for i in indices], step.states, layer_exits)
+                self._contrast(out, logits, indices, [rows[i] for i in indices], states, layer_exits)
         return out
 
     def _contrast(self, out, logits, indices, rows, states, layer_exits) -> None:
@@ -179,10 +190,9 @@ def _check_penalties(selection: Selection | None, params: Any) -> float:
 
 def _penalise(scores: torch.Tensor, row: _Row) -> torch.Tensor:
     """transformers' (and vLLM's) repetition penalty on the prompt's and output's tokens."""
-    tokens = list(row.prompt or []) + [t for t in row.output if t >= 0]
-    if not tokens:
+    ids = row.penalised_ids(scores.device)
+    if ids is None:
         return scores
-    ids = torch.tensor(sorted(set(tokens)), device=scores.device)
     picked = scores.index_select(0, ids)
     picked = torch.where(picked < 0, picked * row.penalty, picked / row.penalty)
     return scores.index_copy(0, ids, picked)

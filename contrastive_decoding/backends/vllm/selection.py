@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from contrastive_decoding.core.contract import ContrastStrategy
+from contrastive_decoding.core.specs import check_layer_indices
 from contrastive_decoding.strategies import get_strategy, resolve_strategy
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "FRONTEND_ENV",
     "Layout",
     "Selection",
+    "captured_layers",
     "engine_settings",
     "frontend_context",
     "request_args",
@@ -139,6 +141,19 @@ def engine_settings(
     return settings
 
 
+def captured_layers(layers: str | list[int], num_layers: int) -> tuple[int, ...]:
+    """The layers an engine captures on an ``num_layers``-layer model: all, or those given.
+
+    Raises:
+        ValueError: a layer outside ``0..num_layers-1`` (naming ``layers``).
+    """
+    if layers == "all":
+        return tuple(range(num_layers))
+    if not layers:  # an engine that serves plain requests only
+        return ()
+    return tuple(sorted(set(check_layer_indices(list(layers), num_layers, argument="layers"))))
+
+
 def request_args(strategy: str | None = None, **params: Any) -> dict[str, Any]:
     """``extra_args`` that make a request run ``strategy`` with ``params``.
 
@@ -162,7 +177,8 @@ def select(
     Args:
         extra_args: the request's ``SamplingParams.extra_args``.
         engine: the engine settings (:func:`engine_settings`), or ``None``.
-        layout: the served model's layout; ``None`` checks everything but layer ranges.
+        layout: the served model's layout (a :class:`Layout`, or anything with its attributes,
+            such as the worker's ``VllmLayerExits``); ``None`` checks everything but layer ranges.
         cache: selections already built, by key (rows with equal settings share one strategy).
 
     Raises:

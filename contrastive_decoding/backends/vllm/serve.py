@@ -20,10 +20,10 @@ import json
 import os
 import shlex
 import sys
-from typing import Any
 
 from contrastive_decoding.backends.vllm.engine import engine_arguments
 from contrastive_decoding.backends.vllm.selection import FRONTEND_ENV
+from contrastive_decoding.core.validation import parse_param_pairs
 
 __all__ = ["main", "server_command"]
 
@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a parameter of --strategy (VALUE read as JSON, else as text); repeatable",
+        help="a parameter of --strategy (VALUE read as JSON, 4,8 as a list, else as text); repeatable",
     )
     parser.add_argument(
         "--repetition-penalty", type=float, help="after the contrast (default: the strategy's)"
@@ -57,19 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--print-command", action="store_true", help="print the vLLM command line and exit")
     return parser
-
-
-def _params(pairs: list[str]) -> dict[str, Any]:
-    params = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--param {pair!r}: write it as NAME=VALUE, e.g. relative_top=0.2")
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-    return params
 
 
 def _layers(text: str) -> str | list[int]:
@@ -94,15 +81,24 @@ def server_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     overrides = None
     for i, arg in enumerate(rest):
         if arg.split("=")[0] == "--hf-overrides":
-            value = arg.partition("=")[2] if "=" in arg else rest[i + 1]
-            overrides = json.loads(value)
-            del rest[i : i + (1 if "=" in arg else 2)]
+            inline = "=" in arg
+            value = arg.partition("=")[2] if inline else (rest[i + 1] if i + 1 < len(rest) else "")
+            try:
+                overrides = json.loads(value)
+            except json.JSONDecodeError:
+                overrides = None
+            if not isinstance(overrides, dict):
+                raise ValueError(
+                    f"--hf-overrides {value!r}: give a JSON object, "
+                    "e.g. '{\"max_position_embeddings\": 4096}'."
+                )
+            del rest[i : i + (1 if inline else 2)]
             break
     trust = "--trust-remote-code" in rest
     arguments, frontend = engine_arguments(
         args.model,
         args.strategy,
-        _params(args.param),
+        parse_param_pairs(args.param),
         args.repetition_penalty,
         _layers(args.layers),
         overrides,

@@ -166,3 +166,11 @@ def test_server_command_carries_the_plugin_arguments(tmp_path):
     assert json.loads(env[FRONTEND_ENV])["layout"]["num_layers"] == 6
     with pytest.raises(ValueError, match="set by contrastive-decoding serve"):
         server_command(["--model", str(folder), "--logits-processors", "x:y"])
+    merged, _ = server_command(["--model", str(folder), "--hf-overrides", '{"rope_theta": 5.0}'])
+    assert json.loads(merged[merged.index("--hf-overrides") + 1])["rope_theta"] == 5.0
+    for bad in (["--hf-overrides"], ["--hf-overrides", "{bad"], ["--hf-overrides=[1]"]):
+        with pytest.raises(ValueError, match="--hf-overrides .*give a JSON object"):
+            server_command(["--model", str(folder), *bad])
+    listed, _ = server_command(["--model", str(folder), "--strategy", "dola", "--param", "dola_layers=2,4"])
+    overrides = json.loads(listed[listed.index("--hf-overrides") + 1])
+    assert overrides["contrastive_decoding"]["params"] == {"dola_layers": [2, 4]}  # as the harness's --param
