@@ -11,8 +11,7 @@ imported on first use, so ``import contrastive_decoding`` (and the CLI's ``--hel
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from contrastive_decoding._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -104,14 +103,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'contrastive_decoding' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS, __all__)

@@ -22,8 +22,12 @@ by the command ``contrastive-decoding inspect``.
 from __future__ import annotations
 
 import csv
+import functools
 import json
-from collections.abc import Sequence
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +41,7 @@ from contrastive_decoding.core.specs import check_layer_indices
 from contrastive_decoding.core.validation import check_flag
 from contrastive_decoding.strategies.dola import _check_dola_layers, dola_candidate_layers
 
-__all__ = ["LayerMap", "layer_map", "plot_layer_map"]
+__all__ = ["FontPlan", "LayerMap", "font_plan", "layer_map", "plot_layer_map", "visible_token"]
 
 
 @dataclass
@@ -156,16 +160,59 @@ class LayerMap:
             )
         return rows
 
+    def markdown(self) -> str:
+        """The map as Markdown: one row per predicted token, with DoLa's layer, the final top token
+        and each shown layer's top token with its probability (last layer first, as the PNG reads
+        from the top), every token whole and written by :func:`visible_token`."""
+        head = ["position", "predicted token", "DoLa layer", f"{self.num_layers} (final)"]
+        head += [str(layer) for layer in reversed(self.layers)]
+        lines = [
+            "# Layer map",
+            "",
+            f"Text: {_md_code(self.text)}",
+            "",
+            f"{len(self.positions)} predicted tokens x {len(self.layers)} early-exit layers of "
+            f"{self.num_layers}; divergence: {self.divergence_kind}; final norm: "
+            f"{'on' if self.final_norm else 'off'}; DoLa's bucket: {self.dola_layers!r}.",
+            "Cells: the layer's top token and its probability. Tokens are written visibly: "
+            f"{VISIBLE[' ']} a space, {VISIBLE[chr(10)]} a newline, {VISIBLE[chr(9)]} a tab, "
+            "\u27e8U+XXXX\u27e9 any other character that prints as nothing (and the characters "
+            f"{VISIBLE[' ']} {VISIBLE[chr(10)]} {VISIBLE[chr(9)]} \u27e8 themselves), {EMPTY_TOKEN} an "
+            "empty token; the JSON and CSV files hold the tokens as decoded.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "|".join("---" for _ in head) + "|",
+        ]
+        for c, t in enumerate(self.positions):
+            following = self.next_token(c)
+            cells = [
+                str(t),
+                "(end)" if following is None else _md_code(following),
+                str(self.dola_choice[c]),
+                f"{_md_code(self.final_top_tokens[c])} {self.final_top_probs[c]:.2f}",
+            ]
+            for i in reversed(range(len(self.layers))):
+                cells.append(f"{_md_code(self.top_tokens[i][c])} {self.top_probs[i][c]:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
     def write(self, out: str | Path, plots: bool = True) -> dict[str, Path]:
-        """Write ``layer_map.json``, ``layer_map.csv`` and (``plots``) ``divergence.png`` and
-        ``top_tokens.png`` into the folder ``out`` (created if absent).
+        """Write ``layer_map.json``, ``layer_map.csv``, ``layer_map.md`` (:meth:`markdown`) and
+        (``plots``) ``divergence.png`` and ``top_tokens.png`` into the folder ``out`` (created if
+        absent).
 
         Returns:
-            The written paths by kind (``json``, ``csv``, ``divergence_png``, ``top_tokens_png``).
+            The written paths by kind (``json``, ``csv``, ``markdown``, ``divergence_png``,
+            ``top_tokens_png``).
         """
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {"json": folder / "layer_map.json", "csv": folder / "layer_map.csv"}
+        paths = {
+            "json": folder / "layer_map.json",
+            "csv": folder / "layer_map.csv",
+            "markdown": folder / "layer_map.md",
+        }
+        paths["markdown"].write_text(self.markdown(), encoding="utf-8")
         paths["json"].write_text(
             json.dumps(self.to_dict(), indent=1, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8"
         )
@@ -177,6 +224,15 @@ class LayerMap:
         if plots:
             paths.update(plot_layer_map(self, folder))
         return paths
+
+
+def _md_code(token: str) -> str:
+    """A token in a Markdown table cell: visible (:func:`visible_token`), as code (so that ``*``
+    or ``_`` is not emphasis), with ``|`` escaped (it would end the cell)."""
+    text = visible_token(token)
+    fence = "``" if "`" in text else "`"
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
 
 
 def _parse_layers(layers: Sequence[int] | None, n: int) -> list[int]:
@@ -345,17 +401,201 @@ class _Lens:
         return [candidates[i] for i in index.tolist()]
 
 
-def _show(token: str | None, width: int = 8) -> str:
-    """A token as a short, visible label: newlines and tabs escaped, a leading space as '_'."""
+#: How :func:`visible_token` writes characters that would otherwise be invisible or ambiguous.
+VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}  # ␣ space, ↵ newline, ⇥ tab
+#: What an empty token is written as.
+EMPTY_TOKEN = "\u27e8empty\u27e9"  # ⟨empty⟩
+
+
+def _codepoint(ch: str) -> str:
+    return f"\u27e8U+{ord(ch):04X}\u27e9"  # ⟨U+200C⟩
+
+
+def visible_token(token: str, has_glyph: Callable[[str], bool] | None = None) -> str:
+    """``token`` with every character a reader could not see or tell apart written visibly.
+
+    The convention (the same in the PNG heatmaps and ``layer_map.md``): a space is ``␣``, a newline
+    ``↵``, a tab ``⇥``; any other character that is not printable (control characters, format
+    characters such as the zero-width non-joiner U+200C, other spaces such as U+00A0, unassigned
+    or private-use code points) is ``⟨U+XXXX⟩``, as are the characters ``␣``, ``↵``, ``⇥`` and
+    ``⟨`` themselves, so that no escape can be mistaken for a token's own text. An empty token is
+    ``⟨empty⟩``. Every other character, ``?`` included, is itself.
+
+    Args:
+        token: a decoded token.
+        has_glyph: whether the font that draws the text has a glyph for a character; characters
+            it lacks are written ``⟨U+XXXX⟩`` instead of drawn as empty boxes (``None``: every
+            printable character is kept, as text output wants).
+
+    Returns:
+        The visible form.
+
+    Example:
+        >>> visible_token(" is\\u200c?\\n")
+        '␣is⟨U+200C⟩?↵'
+    """
+    if token == "":
+        return EMPTY_TOKEN
+    out = []
+    for ch in token:
+        if ch in VISIBLE:
+            out.append(VISIBLE[ch])
+        elif ch in _RESERVED or not ch.isprintable() or (has_glyph is not None and not has_glyph(ch)):
+            out.append(_codepoint(ch))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+#: Characters the escapes use, escaped themselves when a token holds them.
+_RESERVED = frozenset(VISIBLE.values()) | {"\u27e8"}
+
+
+def _cut(label: str, width: int) -> str:
+    """``label`` cut to ``width`` characters, an ellipsis last where it was longer (an escape is
+    never cut in half: it goes whole or not at all)."""
+    if len(label) <= width:
+        return label
+    kept, size = [], 0
+    for piece in re.findall(r"\u27e8[^\u27e9]*\u27e9|.", label, flags=re.S):
+        if size + len(piece) > width - 1:
+            break
+        kept.append(piece)
+        size += len(piece)
+    return "".join(kept) + "\u2026"
+
+
+def _show(token: str | None, width: int = 12, has_glyph: Callable[[str], bool] | None = None) -> str:
+    """A token as a short, visible label (see :func:`visible_token`); ``(end)`` after the text."""
     if token is None:
         return "(end)"
-    label = token.replace("\n", "\\n").replace("\t", "\\t")
-    if label.startswith(" "):
-        label = "_" + label[1:]
-    # Control characters and scripts the default font (DejaVu Sans) lacks would draw as empty boxes.
-    label = "".join(ch if ch.isprintable() and ord(ch) < 0x2E80 else "?" for ch in label)
-    label = label.replace("$", r"\$")  # matplotlib would read $...$ as mathtext
-    return label if len(label) <= width else label[: width - 1] + "~"
+    return _cut(visible_token(token, has_glyph), width)
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes: two for a wide (CJK) character, one for any other."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _wrapped(token: str, has_glyph: Callable[[str], bool] | None, line: int, lines: int) -> str:
+    """A grid cell: the visible token on up to ``lines`` lines of ``line`` columns (an escape kept
+    whole), ``…`` closing the last line where the token is longer."""
+    pieces = re.findall(r"\u27e8[^\u27e9]*\u27e9|.", visible_token(token, has_glyph), flags=re.S)
+    rows: list[list[str]] = [[]]
+    for piece in pieces:
+        if rows[-1] and _width("".join(rows[-1]) + piece) > line:
+            rows.append([])
+        rows[-1].append(piece)
+    if len(rows) > lines:
+        last: list[str] = []
+        for piece in rows[lines - 1]:
+            if _width("".join(last) + piece) > line - 1:
+                break
+            last.append(piece)
+        rows = rows[: lines - 1] + [last + ["\u2026"]]
+    return "\n".join("".join(row) for row in rows)
+
+
+#: Fonts tried, in this order, for characters the default font lacks: Noto's sans families first
+#: (the plain one, then CJK), then its serif ones. Debian: fonts-noto-core, fonts-noto-cjk.
+_FONT_FILE = re.compile(r"^Noto(Sans|Serif)(\w*?)(-Regular)?\.(ttf|otf|ttc)$")
+
+
+def _font_rank(path: str) -> tuple:
+    name = os.path.basename(path)
+    match = _FONT_FILE.match(name)
+    if match is None:
+        return (9, name)
+    kind, script = match.group(1), match.group(2)
+    sans = 0 if kind == "Sans" else 1
+    if script == "":
+        return (sans, 0, name)
+    if script.startswith("CJK"):
+        return (sans, 1, name)
+    if "Mono" in script or "Display" in script or "UI" in script:
+        return (sans, 3, name)  # the same glyphs as another family, drawn otherwise
+    return (sans, 2, name)
+
+
+@functools.cache
+def _charmap(path: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    return frozenset(FT2Font(path).get_charmap())
+
+
+@functools.cache
+def _candidate_fonts() -> tuple[str, ...]:
+    """Installed Noto font files (regular weight), in the order :data:`_FONT_FILE` ranks them."""
+    from matplotlib import font_manager
+
+    try:
+        paths = font_manager.findSystemFonts()
+    except Exception:  # a broken fontconfig must not keep a map from being drawn
+        return ()
+    found = [p for p in paths if _FONT_FILE.match(os.path.basename(p))]
+    return tuple(sorted(set(found), key=_font_rank))
+
+
+@dataclass(frozen=True)
+class FontPlan:
+    """The fonts that draw a set of characters, and which characters none of them has.
+
+    Attributes:
+        families: font family names for matplotlib's per-glyph fallback, the default font first.
+        covered: the code points some family in ``families`` draws.
+    """
+
+    families: tuple[str, ...]
+    covered: frozenset[int]
+
+    def has_glyph(self, ch: str) -> bool:
+        """Whether some family draws ``ch``."""
+        return ord(ch) in self.covered
+
+
+def font_plan(chars: Iterable[str], candidates: Sequence[str] | None = None) -> FontPlan:
+    """Fonts for drawing ``chars``: matplotlib's default (DejaVu Sans), then, for characters it
+    lacks, the first installed Noto font that has each (Noto Sans, Noto Sans CJK, then one per
+    script: Bengali, Devanagari, Telugu, ...). The fonts chosen are registered with matplotlib's
+    font manager (its cached list may predate them).
+
+    Args:
+        chars: the characters to draw.
+        candidates: font files to choose from (default: the installed Noto fonts); none at all
+            leaves the default font alone, and characters it lacks are then escaped.
+
+    Returns:
+        A :class:`FontPlan`; a failure to read fonts gives the default font alone, never an error.
+    """
+    from matplotlib import font_manager
+
+    try:
+        default = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"))
+        covered = set(_charmap(default))
+    except Exception:
+        return FontPlan(("DejaVu Sans",), frozenset(range(0x2E80)))  # its coverage, roughly
+    missing = {ord(c) for c in chars if c.isprintable()} - covered
+    families = ["DejaVu Sans"]
+    for path in candidates if candidates is not None else _candidate_fonts():
+        if not missing:
+            break
+        try:
+            found = _charmap(path)
+        except Exception:
+            continue
+        if not missing & found:
+            continue
+        try:
+            if not any(f.fname == path for f in font_manager.fontManager.ttflist):
+                font_manager.fontManager.addfont(path)
+            name = font_manager.FontProperties(fname=path).get_name()
+        except Exception:
+            continue
+        families.append(name)
+        covered |= found
+        missing -= found
+    return FontPlan(tuple(dict.fromkeys(families)), frozenset(covered))
 
 
 def _save_heatmap(fig: Any, ax: Any, image: Any, path: Path) -> Path:
@@ -369,13 +609,23 @@ def _save_heatmap(fig: Any, ax: Any, image: Any, path: Path) -> Path:
     return path
 
 
+#: Top-token grid: inches per column, characters per line of a cell, lines per cell, font size.
+GRID_CELL_IN = 0.62
+GRID_LINE_CHARS = 8
+GRID_LINES = 2
+GRID_FONT_PT = 6.5
+
+
 def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
     """Two heatmaps of a :class:`LayerMap`, sized to stay readable at 60 tokens x 32 layers.
 
     ``divergence.png``: divergence from the final layer, layers (rows) by predicted token
     (columns), DoLa's chosen layer marked with a dot in each column. ``top_tokens.png``: each
-    layer's top token written in its cell (the final layer on top), coloured by its probability.
-    Column labels are the tokens being predicted (``_`` marks a leading space).
+    layer's top token written in its cell (the final layer on top; up to two lines of eight
+    characters, ``…`` where cut: ``layer_map.md`` has every token whole), coloured by its
+    probability. Tokens are written by :func:`visible_token` (``␣`` space, ``↵`` newline,
+    ``⟨U+200C⟩`` an invisible character), in DejaVu Sans with per-glyph fallback to the installed
+    Noto fonts (:func:`font_plan`); a character no installed font draws is written ``⟨U+XXXX⟩``.
 
     Returns:
         ``{"divergence_png": path, "top_tokens_png": path}``.
@@ -389,12 +639,17 @@ def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     cols = len(result.positions)
-    xlabels = [_show(result.next_token(c)) for c in range(cols)]
-    width = max(6.0, 0.42 * cols + 2.5)
+    labels = result.top_tokens + [result.final_top_tokens]
+    following = [result.next_token(c) for c in range(cols)]
+    chars = {ch for row in labels for token in row for ch in token}
+    plan = font_plan(chars | {ch for token in following if token for ch in token})
+    # Every token is drawn as text, never as mathtext ("$" is a token like any other).
+    text_style = {"fontfamily": list(plan.families), "parse_math": False}
+    xlabels = [_show(t, 12, plan.has_glyph) for t in following]
     paths = {}
 
     rows = len(result.layers)
-    fig, ax = plt.subplots(figsize=(width, max(3.5, 0.22 * rows + 2.0)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * cols + 2.5), max(3.5, 0.22 * rows + 2.0)))
     values = np.array(result.divergence, dtype=float)
     # Divergences span orders of magnitude (the first positions, where the attention sink forms,
     # diverge hundreds of times more than the rest): a log scale keeps the other columns visible.
@@ -412,9 +667,9 @@ def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
         xs, ys = zip(*picks, strict=True)
         ax.scatter(xs, ys, s=18, c="red", marker="o", label="DoLa's premature layer")
         ax.legend(loc="upper left", bbox_to_anchor=(1.06, 1.0), fontsize=8)
-    ax.set_xticks(range(cols), xlabels, rotation=90, fontsize=8)
+    ax.set_xticks(range(cols), xlabels, rotation=90, fontsize=8, **text_style)
     ax.set_yticks(range(rows), [str(j) for j in result.layers], fontsize=7)
-    ax.set_xlabel("token being predicted")
+    ax.set_xlabel("token being predicted (\u2423 space, \u21b5 newline, \u27e8U+XXXX\u27e9 invisible)")
     ax.set_ylabel("early-exit layer")
     kind = "DoLa's divergence" if result.divergence_kind == "reference" else "Jensen-Shannon divergence"
     ax.set_title(
@@ -427,25 +682,30 @@ def plot_layer_map(result: LayerMap, out: str | Path) -> dict[str, Path]:
     paths["divergence_png"] = _save_heatmap(fig, ax, image, folder / "divergence.png")
 
     grid_rows = rows + 1
-    fig, ax = plt.subplots(figsize=(width, max(3.5, 0.26 * grid_rows + 2.0)))
+    height = max(3.5, 0.11 * GRID_LINES * grid_rows + 2.2)
+    fig, ax = plt.subplots(figsize=(max(6.0, GRID_CELL_IN * cols + 2.5), height))
     probs = np.array(result.top_probs + [result.final_top_probs], dtype=float)
     image = ax.imshow(
         probs, aspect="auto", origin="lower", cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest"
     )
-    labels = result.top_tokens + [result.final_top_tokens]
     for r in range(grid_rows):
         for c in range(cols):
             colour = "white" if probs[r, c] > 0.6 else "black"
-            ax.text(c, r, _show(labels[r][c], 7), ha="center", va="center", fontsize=5.5, color=colour)
-    ax.set_xticks(range(cols), xlabels, rotation=90, fontsize=8)
+            cell = _wrapped(labels[r][c], plan.has_glyph, GRID_LINE_CHARS, GRID_LINES)
+            ax.text(
+                c, r, cell, ha="center", va="center", fontsize=GRID_FONT_PT, color=colour,
+                linespacing=1.0, **text_style,
+            )
+    ax.set_xticks(range(cols), xlabels, rotation=90, fontsize=8, **text_style)
     ax.set_yticks(
         range(grid_rows), [str(j) for j in result.layers] + [f"{result.num_layers} (final)"], fontsize=7
     )
-    ax.set_xlabel("token being predicted")
+    ax.set_xlabel("token being predicted (\u2423 space, \u21b5 newline, \u27e8U+XXXX\u27e9 invisible)")
     ax.set_ylabel("layer")
     ax.set_title(
         "each layer's top token (logit lens), coloured by its probability"
-        + (", final norm on" if result.final_norm else ", raw head"),
+        + (", final norm on" if result.final_norm else ", raw head")
+        + "; \u2026 cut (layer_map.md has every token whole)",
         fontsize=9,
     )
     paths["top_tokens_png"] = _save_heatmap(fig, ax, image, folder / "top_tokens.png")

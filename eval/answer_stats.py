@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.labels import model_name, run_label, run_labels
 from contrastive_decoding.eval.markdown import markdown_grid
 from contrastive_decoding.eval.summary import load_summary, run_records
 
@@ -26,7 +27,9 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
         folder: the run's output folder (its ``summary.json`` and ``items*.jsonl``).
 
     Returns:
-        ``benchmark``, ``strategy_label``, ``repetition_penalty``, ``n``, ``max_new_tokens``,
+        ``benchmark``, ``model`` (as the run recorded it), ``label`` (the run's
+        :func:`~contrastive_decoding.eval.labels.run_label`), ``strategy_label`` (as recorded),
+        ``repetition_penalty``, ``n``, ``max_new_tokens``,
         ``mean_tokens``, ``at_limit`` (answers whose generated tokens reached ``max_new_tokens``)
         and ``no_answer`` (answers from which the benchmark extracted nothing; ``None`` for a
         benchmark without answer extraction, such as TruthfulQA generation).
@@ -39,7 +42,11 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
         >>> answer_stats("results/strategyqa/smollm2/dola-low")["at_limit"]
         155
     """
-    folder = Path(folder)
+    return _stats(Path(folder))[1]
+
+
+def _stats(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run's summary, its :func:`answer_stats`)."""
     summary = load_summary(folder, folder_only=True, needs=("strategy_label", "n_items"))
     generation = summary.get("generation")
     if summary.get("task") != "generate" or not generation:
@@ -55,8 +62,10 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
         )
     limit = int(generation["max_new_tokens"])
     extracts = all("pred" in r for r in records)
-    return {
+    return summary, {
         "benchmark": summary["benchmark"],
+        "model": model_name(summary),
+        "label": run_label(summary, protocol=False),
         "strategy_label": summary["strategy_label"],
         "repetition_penalty": generation.get("repetition_penalty"),
         "n": len(records),
@@ -68,7 +77,8 @@ def answer_stats(folder: str | Path) -> dict[str, Any]:
 
 
 def answer_stats_table(folders: Sequence[str | Path]) -> str:
-    """A Markdown table of :func:`answer_stats`, one row per run, in the order given."""
+    """A Markdown table of :func:`answer_stats`, one row per run, in the order given, each named by
+    :func:`~contrastive_decoding.eval.labels.run_labels` (runs of one label told apart)."""
     head = [
         "benchmark",
         "strategy",
@@ -78,13 +88,15 @@ def answer_stats_table(folders: Sequence[str | Path]) -> str:
         "at the token limit",
         "no answer read",
     ]
+    found = [_stats(Path(folder)) for folder in folders]
+    shown = ("benchmark", "repetition_penalty", "n", "max_new_tokens")
+    labels = run_labels([summary for summary, _ in found], folders, protocol=False, shown=shown)
     rows = []
-    for folder in folders:
-        s = answer_stats(folder)
+    for (_, s), label in zip(found, labels, strict=True):
         no_answer = "-" if s["no_answer"] is None else str(s["no_answer"])
         cells = [
             s["benchmark"],
-            s["strategy_label"],
+            label,
             "-" if s["repetition_penalty"] is None else f"{s['repetition_penalty']:g}",
             str(s["n"]),
             f"{s['mean_tokens']:.1f}",

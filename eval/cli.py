@@ -1,4 +1,6 @@
-"""The ``contrastive-decoding`` command: ``eval``, ``compare``, ``plot``, ``table``, ``list``, ``serve``.
+"""The ``contrastive-decoding`` command: ``eval``, ``compare``, ``table``, ``list``, ``data``, ``serve``...
+
+``contrastive-decoding --help`` lists every command.
 
 Examples::
 
@@ -10,15 +12,21 @@ Examples::
 
 User errors print one line (``error: ...``) and exit with status 2, having written nothing; Ctrl-C
 prints one line (``interrupted: ...``, with how to resume a run) and exits with status 130.
+
+``--help``, ``list`` and every ``COMMAND --help`` import neither torch nor transformers (each
+command imports what it needs when it runs; ``list`` reads a generated catalog of the library's
+strategies, see :mod:`contrastive_decoding.eval.listing`), so they answer in about a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
+from contrastive_decoding.eval.data_command import add_data_parser, run_data_command  # torch-free
 from contrastive_decoding.eval.errors import EvalError, RunInterrupted
 
 __all__ = ["build_parser", "main"]
@@ -84,7 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="only the first N items")
     ev.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="run shard I of N (0-based)")
     ev.add_argument(
-        "--out", "-o", default=None, help="output folder (default: results/<benchmark>/<model>/<strategy>)"
+        "--out",
+        "-o",
+        default=None,
+        help="output folder (default: runs/<benchmark>/<model>/<strategy>, the strategy followed by the "
+        "--param values and the options given that shape results, e.g. runs/tfqa-hf/smollm2/"
+        "dola_dola_layers-high_protocol-normalized); a folder holding a run with other settings is "
+        "refused before the model loads",
     )
     ev.add_argument("--batch-size", type=int, default=None, help="prompts per generation batch")
     ev.add_argument(
@@ -125,12 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
         "runs", nargs="+", help="generation run folders (unfinished runs are left out, with a note)"
     )
     _add_research_parsers(sub)
+    add_data_parser(sub)
     sub.add_parser("list", help="benchmarks, strategies and presets")
     sub.add_parser(
         "serve",
         add_help=False,
         help="serve a model over vLLM's OpenAI API with a strategy (needs the [vllm] extra; "
         "`serve --help` for its options)",
+    )
+    # Never parsed here: main() hands every argument after `lm-eval` to lm-eval's own command line.
+    sub.add_parser(
+        "lm-eval",
+        add_help=False,
+        help="run lm-evaluation-harness with the `contrastive` model (needs the [lm-eval] extra; "
+        "`lm-eval --help` for its options)",
     )
     lt = sub.add_parser(
         "lm-eval-tasks", help="write lm-eval's truthfulqa_mc2_stable task (mc2 without overflow) into DIR"
@@ -142,10 +164,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_out(args) -> str:
-    model = Path(args.model).name.replace(".gguf", "") or "model"
-    label = args.strategy + "".join(f"_{p.replace('=', '-')}" for p in args.param)
-    return str(Path("results") / args.benchmark / model / label)
+#: Where ``eval`` writes without ``--out`` (gitignored; ``results/`` holds the committed runs).
+DEFAULT_RUNS_DIR = "runs"
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    """The folder ``eval`` writes to without ``--out``.
+
+    The label is the strategy, its ``--param`` values and every option given that changes
+    results, so that two different commands get two folders (and never one under the committed
+    ``results/``). ``--limit`` is left out on purpose: a larger limit resumes the same run, its
+    recorded items kept. Characters that would make sub-folders or that some file systems refuse
+    become ``-``.
+
+    Args:
+        args: the parsed ``eval`` arguments.
+
+    Returns:
+        ``runs/<benchmark>/<model>/<label>``, e.g. ``runs/tfqa-hf/smollm2/dola_dola_layers-high``.
+    """
+    model = Path(args.model).name.removesuffix(".gguf") or "model"
+    parts = [args.strategy, *(p.replace("=", "-", 1) for p in args.param)]
+    options = (
+        ("protocol", args.protocol, None),
+        ("floor", args.floor, "fixed"),
+        ("dtype", args.dtype, "float32"),
+        ("max-new-tokens", args.max_new_tokens, None),
+        ("repetition-penalty", args.repetition_penalty, None),
+        ("judge", args.judge and Path(args.judge).name, None),
+        ("judge-info", args.judge_info and Path(args.judge_info).name, None),
+    )
+    parts += [f"{name}-{value}" for name, value, default in options if value not in (None, default)]
+    label = re.sub(r'[\\/:*?"<>|\s]+', "-", "_".join(parts))
+    return str(Path(DEFAULT_RUNS_DIR) / args.benchmark / model / label)
 
 
 def _cmd_eval(args) -> int:
@@ -314,23 +365,11 @@ def _cmd_answers(args) -> int:
     return 0
 
 
-def _cmd_list(args) -> int:
-    from contrastive_decoding.eval.benchmarks import BENCHMARKS
-    from contrastive_decoding.eval.strategies import PRESETS, STRATEGIES
+def _cmd_list(args: argparse.Namespace) -> int:
+    # The stored catalog unless strategies were registered beyond the library's (no torch import).
+    from contrastive_decoding.eval.listing import listing_text
 
-    print("benchmarks:")
-    for b in BENCHMARKS.values():
-        proto = f" [scoring: {b.default_protocol}]" if b.task == "score" else ""
-        print(f"  {b.name:<22} {b.description}{proto}")
-        print(f"  {'':<22} data: {b.source.describe()}")
-    print("strategies:")
-    for s in STRATEGIES.values():
-        params = ", ".join(f"{k}={v!r}" for k, v in s.defaults.items()) or "no parameters"
-        print(f"  {s.name:<22} {s.description}")
-        print(f"  {'':<22} params: {params}")
-    print("presets:")
-    for name, (base, params) in PRESETS.items():
-        print(f"  {name:<22} = {base} " + " ".join(f"--param {k}={v}" for k, v in params.items()))
+    print(listing_text(), end="")
     return 0
 
 
@@ -559,7 +598,10 @@ def _cmd_lm_eval_tasks(args) -> int:
     return 0
 
 
+# Each takes the parsed arguments and returns the exit status; a command added with its own parser
+# (e.g. `add_xxx_parser(sub)` in build_parser) needs one entry here.
 _COMMANDS = {
+    "data": run_data_command,
     "eval": _cmd_eval,
     "compare": _cmd_compare,
     "plot": _cmd_plot,
@@ -571,6 +613,66 @@ _COMMANDS = {
     "analyze": _cmd_analyze,
     "lm-eval-tasks": _cmd_lm_eval_tasks,
 }
+
+
+# The commands that load models (so import transformers anyway).
+_LOADS_MODELS = frozenset({"eval", "inspect", "tune"})
+
+_LM_EVAL_NOTE = """\
+usage: contrastive-decoding [--import MODULE] lm-eval [lm-eval's own arguments ...]
+
+Runs lm-evaluation-harness's own command line with this library's `contrastive` model registered;
+every argument goes to lm-eval unchanged (needs the [lm-eval] extra). For example:
+
+  contrastive-decoding lm-eval --model contrastive \\
+      --model_args pretrained=smollm2,strategy=dola-high,dtype=float32 --tasks truthfulqa_mc2_stable
+
+--model_args: everything lm-eval's `hf` model takes (pretrained= also takes smollm2 or a .gguf
+path), plus strategy= (none, or a strategy or preset of `contrastive-decoding list`) with that
+strategy's parameters, protocol=paper|normalized, repetition_penalty=, score_batch_size=.
+The task truthfulqa_mc2_stable (mc2 without exp overflow) is written to a temporary folder unless
+--include_path names one (see `lm-eval-tasks`). Guide: docs/harness/lm-eval.md.
+"""
+
+
+def _lm_eval_help(args: list[str]) -> int:
+    """``lm-eval --help``: what this command adds, then lm-eval's own help.
+
+    The `contrastive` model is not registered for it (lm-eval's help does not list models), so
+    neither torch nor transformers is imported.
+    """
+    from contrastive_decoding.integrations import INSTALL_HINT, lm_eval_available
+
+    print(_LM_EVAL_NOTE)
+    if not lm_eval_available():
+        print(INSTALL_HINT)
+        return 0
+    print("lm-eval's own help:\n")
+    sys.stdout.flush()  # before lm-eval's argparse writes
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *args]
+    try:
+        cli_evaluate()
+    except SystemExit as exc:  # argparse's --help, or a usage error in the other arguments
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _quiet_transformers() -> None:
+    """Leave transformers' progress bars and warnings out: weight-loading bars are noise next to the
+    run's own progress bar. Only the commands that load models call it (it imports transformers)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _import_strategies(argv: list[str]) -> list[str]:
@@ -613,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if argv and argv[0] == "lm-eval":  # every later argument goes to lm-eval's own CLI, unchanged
+        if "-h" in argv[1:] or "--help" in argv[1:]:
+            return _lm_eval_help(argv[1:])
         from contrastive_decoding.lm_eval import main as lm_eval_main
 
         return lm_eval_main(argv[1:])
@@ -620,15 +724,10 @@ def main(argv: list[str] | None = None) -> int:
         from contrastive_decoding.backends.vllm.serve import main as serve_main
 
         return serve_main(argv[1:])
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:  # weight-loading bars are noise next to the run's own progress bar
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(argv)  # --help exits here, before anything heavy loads
+        if args.command in _LOADS_MODELS:
+            _quiet_transformers()
         return _COMMANDS[args.command](args)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -639,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted (Ctrl-C).", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `contrastive-decoding data | head`: the reader left; not an error
+        # Python would print a second traceback flushing stdout at exit; point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

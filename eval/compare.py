@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from contrastive_decoding.eval.errors import EvalError
+from contrastive_decoding.eval.labels import model_name, run_labels
 from contrastive_decoding.eval.markdown import markdown_grid
 from contrastive_decoding.eval.stats import DEFAULT_RESAMPLES, DEFAULT_SEED, paired_bootstrap
 from contrastive_decoding.eval.summary import load_summary, run_records
@@ -32,9 +33,12 @@ def compare_runs(
         seed: bootstrap seed.
 
     Returns:
-        One dict per (run, metric): ``reference``, ``run``, ``metric``, ``n``, the two means and
-        ``diff`` with ``ci_low``/``ci_high`` (run minus reference, in the metric's reporting
-        scale), and ``significant`` (the interval excludes 0).
+        One dict per (run, metric): ``reference``, ``run`` (their folders), ``reference_label``,
+        ``run_label`` (:func:`~contrastive_decoding.eval.labels.run_labels` over all the runs: the
+        strategy, its distinguishing parameters, the protocol and floor, and whatever else tells
+        two runs apart), ``reference_model``, ``run_model`` (as the runs recorded them), ``metric``,
+        ``n``, the two means and ``diff`` with ``ci_low``/``ci_high`` (run minus reference, in the
+        metric's reporting scale), and ``significant`` (the interval excludes 0).
 
     Raises:
         EvalError: fewer than two runs, an unfinished run, different benchmarks, or no shared
@@ -44,8 +48,10 @@ def compare_runs(
         raise EvalError("compare needs at least two run folders (the first is the reference).")
     runs = [(Path(f), *_run(Path(f))) for f in folders]
     ref_path, ref_summary, ref_records = runs[0]
+    # Named together, so that two runs of one strategy (other protocol, floor, model...) differ.
+    labels = run_labels([s for _, s, _ in runs], [p for p, _, _ in runs], shown=("benchmark", "model"))
     rows = []
-    for path, summary, records in runs[1:]:
+    for (path, summary, records), label in zip(runs[1:], labels[1:], strict=True):
         if summary["benchmark"] != ref_summary["benchmark"]:
             raise EvalError(
                 f"{path}: benchmark {summary['benchmark']} differs from the reference's "
@@ -70,9 +76,11 @@ def compare_runs(
             rows.append(
                 {
                     "reference": str(ref_path),
-                    "reference_label": ref_summary["strategy_label"],
+                    "reference_label": labels[0],
+                    "reference_model": model_name(ref_summary),
                     "run": str(path),
-                    "run_label": summary["strategy_label"],
+                    "run_label": label,
+                    "run_model": model_name(summary),
                     "benchmark": summary["benchmark"],
                     "metric": metric,
                     "n": len(shared),
@@ -88,14 +96,18 @@ def compare_runs(
 
 
 def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table."""
-    head = ["benchmark", "metric", "reference", "run", "n", "ref", "run", "diff [95% CI]"]
+    """The comparison as a Markdown table: the model column names the run's model, and the
+    reference's too where it is another (``reference's vs run's``)."""
+    head = ["benchmark", "model", "metric", "reference", "run", "n", "ref", "run", "diff [95% CI]"]
     cells = []
     for r in rows:
         mark = " *" if r["significant"] else ""
+        ref_model, run_model = r.get("reference_model"), r.get("run_model")
+        model = run_model if ref_model == run_model else f"{ref_model} vs {run_model}"
         cells.append(
             [
                 r["benchmark"],
+                str(model),
                 r["metric"],
                 r["reference_label"],
                 r["run_label"],

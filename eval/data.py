@@ -23,6 +23,7 @@ __all__ = [
     "DataSource",
     "ResolvedData",
     "default_data_dirs",
+    "fetch_hint",
     "read_csv_rows",
     "read_json_records",
     "require_keys",
@@ -127,16 +128,18 @@ def resolve_data(
         path = Path(data_dir).expanduser() / source.local
         if not path.is_file():
             raise DataError(
-                f"--data-dir {data_dir}: {source.local} not found there for benchmark {benchmark}; "
-                f"point --data-dir at a folder holding {source.local}, or pass --data PATH "
-                f"({_where(source)})."
+                f"--data-dir {data_dir}: benchmark {benchmark} reads {path}, which is absent; "
+                f"`contrastive-decoding data get {benchmark} --to {data_dir}` writes it there "
+                f"(`contrastive-decoding data list` shows every file's layout, format and source), "
+                f"or pass --data PATH ({_where(source)})."
             )
         return ResolvedData("file", str(path.resolve()), _sha256(path))
-    for folder in default_data_dirs():
+    searched = default_data_dirs()
+    for folder in searched:
         path = folder / source.local
         if path.is_file():
             return ResolvedData("file", str(path.resolve()), _sha256(path))
-    return _hub(source, benchmark)
+    return _hub(source, benchmark, searched)
 
 
 def _where(source: DataSource) -> str:
@@ -148,11 +151,22 @@ def _where(source: DataSource) -> str:
     return ", ".join(parts) or "no public download known"
 
 
-def _hub(source: DataSource, benchmark: str) -> ResolvedData:
+def fetch_hint(source: DataSource, benchmark: str) -> str:
+    """How to get the file in one step: the ``data get`` command and the layout it writes."""
+    return (
+        f"`contrastive-decoding data get {benchmark} --to DIR` downloads it as DIR/{source.local}, "
+        f"then pass --data-dir DIR (`contrastive-decoding data list` shows every file's layout, "
+        f"format and source)"
+    )
+
+
+def _hub(source: DataSource, benchmark: str, searched: Sequence[Path] | None = None) -> ResolvedData:
     if source.hub is None:
+        looked = f" (looked in {', '.join(str(d) for d in searched)})" if searched else ""
         raise DataError(
-            f"benchmark {benchmark} has no Hugging Face Hub copy and no local {source.local} was found; "
-            f"download {source.url or source.local} and pass --data PATH (or --data-dir DIR)."
+            f"benchmark {benchmark} has no Hugging Face Hub copy and no local {source.local} was "
+            f"found{looked}; {fetch_hint(source, benchmark)}; or download "
+            f"{source.url or source.local} yourself and pass --data PATH."
         )
     where = source.hub + (f"/{source.hub_file}" if source.hub_file else "")
     return ResolvedData("hub", where)
@@ -166,7 +180,17 @@ def load_hub_rows(source: DataSource, benchmark: str, read_file: Callable[[Path]
         DataError: the Hub could not be reached (offline, unknown id) or ``datasets`` is missing;
             the message says how to use a local file instead.
     """
-    fix = f"pass --data PATH to a local copy of {Path(source.local).name} ({_where(source)})"
+    offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(name)]
+    mode = (
+        f"{'/'.join(offline)} is set, so only the local Hugging Face cache was read (unset it where "
+        f"the network is reachable); "
+        if offline
+        else ""
+    )
+    fix = (
+        f"{mode}{fetch_hint(source, benchmark)}; or pass --data PATH to a local copy of "
+        f"{Path(source.local).name} ({_where(source)})"
+    )
     try:
         if source.hub_file is not None:
             from huggingface_hub import hf_hub_download

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 from contrastive_decoding.eval.errors import DataError, EvalError
+from contrastive_decoding.eval.labels import protocol_name, run_labels
 from contrastive_decoding.eval.markdown import markdown_grid
 from contrastive_decoding.eval.records import item_files, read_records
 from contrastive_decoding.eval.summary import load_summary, run_records
@@ -376,12 +377,15 @@ def analyze_runs(
             if model not in tokenizers:
                 tokenizers[model] = _load_tokenizer(model)
             tok = tokenizers[model]
+        # Named together (protocol and floor in their own column), so that equal labels differ.
+        labels = run_labels([s for _, s, _ in runs], [f for f, _, _ in runs], protocol=False,
+                            shown=("benchmark", "protocol", "n"))
         base_questions = runs[0][2]
         lengths = {i: token_lengths(tok, base_questions[i]) for i in shared}
         correct_longest = 100.0 * float(
             np.mean([_is_longest(lengths[i], base_questions[i].correct) for i in shared])
         )
-        for folder, summary, questions in runs:
+        for (folder, summary, questions), label in zip(runs, labels, strict=True):
             values, per_token, chosen_longest, pairs, recorded = [], [], [], [], []
             for i in shared:
                 q, n_tok = questions[i], lengths[i]
@@ -397,7 +401,7 @@ def analyze_runs(
             recorded = [float(records[i]["metrics"][metric]) for i in shared]
             rows.append(
                 _row(
-                    summary.get("strategy_label", summary.get("strategy", "?")),
+                    label,
                     values,
                     100.0 * float(np.mean(chosen_longest)),
                     correct_longest,
@@ -406,7 +410,7 @@ def analyze_runs(
                     {
                         "benchmark": benchmark,
                         "run": str(folder),
-                        "protocol": summary.get("scoring_protocol"),
+                        "protocol": protocol_name(summary),
                         "metric": metric,
                         "recorded_metric": 100.0 * sum(recorded) / len(recorded),
                     },

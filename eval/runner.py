@@ -12,7 +12,8 @@ Sharding: ``shard=(i, n)`` runs items ``i, i+n, i+2n, ...``; under ``accelerate 
 that finds every item recorded when it finishes merges them into the summary.
 
 Validation comes first: settings, parameters and the output folder before the data and the model
-load, then the parameters that depend on the model's depth (layers, streams, amateur) before
+load, a folder holding a run with other settings (its ``run.json`` or its records) before the model
+loads, then the parameters that depend on the model's depth (layers, streams, amateur) before
 ``run.json`` or a records file is written. A failure before the first record takes back what the
 call wrote, so the corrected command runs in the same folder. One process writes each records
 file (:class:`~contrastive_decoding.eval.records.RunLock`). A record whose scores or metrics are
@@ -302,6 +303,73 @@ def _identity(
     }
 
 
+# The keys of `_identity` (a planned identity holding all of them is the run's exact identity).
+_IDENTITY_KEYS = frozenset(
+    {
+        "benchmark",
+        "model",
+        "dtype",
+        "strategy",
+        "strategy_params",
+        "scoring_protocol",
+        "generation",
+        "judge",
+        "data_sha256",
+        "data_location",
+    }
+)
+
+
+def _planned_identity(
+    cfg: RunConfig, benchmark: Benchmark, base: str, params: dict, resolved: ResolvedData
+) -> dict:
+    """The run's identity as far as it is known before any model loads.
+
+    The settings, the data and the strategy's name are known. The strategy's recorded parameters,
+    scoring label and repetition penalty come from the strategy the harness builds on the loaded
+    model; they are predicted only for the strategies whose entries the harness builds itself (the
+    plain model, ``cd`` and the library's registered strategies: every parameter with its default
+    filled in, :class:`~contrastive_decoding.eval.strategies.StrategyRun`), and left out for an
+    entry added with ``register`` whose factory may record them otherwise. A test checks the
+    prediction against the built strategy for every registered name.
+
+    Args:
+        cfg: the run's settings.
+        benchmark: its benchmark.
+        base: the registry name behind ``cfg.strategy`` (a preset resolved).
+        params: the parameters (a preset's merged in).
+        resolved: the data the run reads.
+
+    Returns:
+        A dict with some or all of :func:`_identity`'s keys, valued as ``_identity`` values them.
+    """
+    from contrastive_decoding.eval.strategies import STRATEGIES, _jsonable
+
+    from contrastive_decoding.strategies import registered_strategies
+
+    identity = {
+        "benchmark": benchmark.name,
+        "model": cfg.model,
+        "dtype": cfg.dtype,
+        "strategy": base,
+        "judge": {"truth": cfg.judge, "info": cfg.judge_info or cfg.judge} if cfg.judge else None,
+        "data_sha256": resolved.sha256,
+        "data_location": resolved.location if resolved.kind == "hub" else None,
+    }
+    library = registered_strategies()
+    if base != "baseline" and base not in library:
+        return identity
+    if base == "baseline":
+        planned = StrategyRun(base, {}, scoring=None, repetition_penalty=1.0)
+    else:  # any object stands for the strategy: only whether there is one matters to the label
+        full = _jsonable({**STRATEGIES[base].defaults, **params})
+        planned = StrategyRun(base, full, scoring=base, repetition_penalty=library[base].repetition_penalty)
+    identity["strategy_params"] = planned.params
+    identity["scoring_protocol"] = _scoring_label(cfg, benchmark, planned)
+    identity["generation"] = _generation_settings(cfg, benchmark, planned)
+    return identity
+
+
 def _scoring_label(cfg: RunConfig, benchmark: Benchmark, strategy: StrategyRun) -> str | None:
     if benchmark.task != "score":
         return None
@@ -555,6 +623,15 @@ def _run_locked(
 ) -> RunResult:
     out = lock.folder
     rank, world, local_rank = _rank_and_world(cfg)
+    own_file = _items_file(out, rank, world)
+    repair_tail(own_file)  # a kill mid-write leaves a cut last line in this shard's own file
+    # A folder of another run is refused now, not after minutes of loading (checked again below
+    # with the built strategy, which alone knows every setting for certain).
+    planned = _planned_identity(cfg, benchmark, base_name, params, resolved)
+    replaceable = lock.alone and not read_records(item_files(out))
+    _, planned_vouched = _check_run_file(out, planned, replaceable)
+    if planned.keys() == _IDENTITY_KEYS:  # a partial identity has no run_id to check records with
+        _check_records_are_ours(out, planned, planned_vouched)
     if model is None:
         model, tokenizer = _load_model(cfg, local_rank)
     strategy = build_strategy(model, base_name, params, tokenizer=tokenizer)
@@ -581,8 +658,6 @@ def _run_locked(
 
     # Everything is validated: from here on the folder is written.
     ids = [it["id"] for it in items]
-    own_file = _items_file(out, rank, world)
-    repair_tail(own_file)  # a kill mid-write leaves a cut last line in this shard's own file
     done = read_records(item_files(out))
     write_settings, vouched = _check_run_file(out, identity, replaceable=lock.alone and not done)
     _check_records_are_ours(out, identity, vouched)

@@ -142,18 +142,27 @@ def markdown_table(
     summaries: Sequence[Mapping[str, Any]],
     metrics: Sequence[str] | None = None,
     model_column: bool = True,
+    folders: Sequence[str | Path | None] | None = None,
 ) -> str:
     """A Markdown table, one row per summary, in the order given.
+
+    Rows are named by :func:`~contrastive_decoding.eval.labels.run_labels` (strategy or preset and
+    the parameters that differ from its defaults; the protocol, with its floor, in its own column),
+    and the model by the name or path the run recorded.
 
     Args:
         summaries: loaded ``summary.json`` contents.
         metrics: the metric columns, in this order (default: the union of the summaries' metrics).
             A run without one of them shows ``-`` there.
         model_column: include the model's name (leave it out for a table of one model's runs).
+        folders: the runs' folders (same order), appended to the labels of runs that nothing else
+            tells apart.
 
     Raises:
         EvalError: a name in ``metrics`` that none of the summaries has.
     """
+    from contrastive_decoding.eval.labels import model_name, protocol_name, run_labels
+
     available: list[str] = []
     for s in summaries:
         available += [n for n in s["metrics"] if n not in available]
@@ -164,13 +173,15 @@ def markdown_table(
             f"--metrics: no run here has {', '.join(unknown)}; choose from {', '.join(available)}."
         )
     head = ["benchmark", *(["model"] if model_column else []), "strategy", "protocol", "n", *names, "s/item"]
+    shown = ("benchmark", *(["model"] if model_column else []), "protocol", "n")
+    labels = run_labels(summaries, folders, protocol=False, shown=shown)
     rows = []
-    for s in summaries:
+    for s, label in zip(summaries, labels, strict=True):
         cells = [
             s["benchmark"],
-            *([Path(str(s["model"])).name or str(s["model"])] if model_column else []),
-            s["strategy_label"],
-            str(s.get("scoring_protocol") or "-"),
+            *([model_name(s)] if model_column else []),
+            label,
+            protocol_name(s) or "-",
             str(s["n_items"]),
             *[_cell(s["metrics"][n]) if n in s["metrics"] else "-" for n in names],
             f"{s['seconds_per_item']:.2f}" if s.get("seconds_per_item") is not None else "-",

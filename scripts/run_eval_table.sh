@@ -3,7 +3,7 @@
 # folder (rerun this script after an interruption; finished runs are skipped in seconds).
 #
 #   bash scripts/run_eval_table.sh [MODEL] [OUT_ROOT] [extra `contrastive-decoding eval` args...]
-#   e.g. bash scripts/run_eval_table.sh smollm2 results --limit 100
+#   e.g. bash scripts/run_eval_table.sh smollm2 runs --limit 100   (OUT_ROOT defaults to runs/)
 #        BENCHMARKS="tfqa-hf gsm8k" STRATEGIES="baseline dola-low" bash scripts/run_eval_table.sh
 #
 # For several GPUs, wrap the eval command: LAUNCH="accelerate launch --num_processes 4 -m"
@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL="${1:-smollm2}"
-OUT="${2:-results}"
+OUT="${2:-runs}"   # the committed results/ only when named
 shift $(( $# > 2 ? 2 : $# ))
 BENCHMARKS="${BENCHMARKS:-tfqa-dola tfqa-hf tfqa-gen factor-news factor-expert strategyqa gsm8k halueval}"
 STRATEGIES="${STRATEGIES:-baseline dola-high dola-low layercake}"

@@ -18,6 +18,7 @@ import torch
 from conftest import FAMILIES, cached_model, char_tokenizer
 
 from contrastive_decoding import DoLa, layer_map, score_continuations
+from contrastive_decoding.layer_map import LayerMap, _wrapped, font_plan, plot_layer_map, visible_token
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,6 +171,12 @@ def test_write_json_csv_png(tmp_path):
     assert rows[len(result.layers)]["layer"] == "6" and rows[len(result.layers)]["divergence"] == ""
     for key in ("divergence_png", "top_tokens_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The Markdown: a header, a rule, then one row per predicted token; spaces written as ␣.
+    markdown = paths["markdown"].read_text(encoding="utf-8").splitlines()
+    table = [line for line in markdown if line.startswith("|")]
+    assert len(table) == 2 + len(result.positions)
+    assert table[0] == "| position | predicted token | DoLa layer | 6 (final) | 5 | 4 | 3 | 2 | 1 | 0 |"
+    assert table[2].startswith(f"| 2 | `{tok.decode([result.token_ids[3]]).replace(' ', '␣')}` |")
 
 
 @pytest.mark.parametrize(
@@ -211,3 +218,100 @@ def test_cli_inspect(tmp_path, capsys):
     assert "--layers 'a-b': write layer indices as 0,2,4 or a range 10-29" in capsys.readouterr().err
     assert main(args + ["--prompt-len", "50"]) == 2
     assert "--prompt-len must be an integer in 0.." in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- tokens written visibly
+
+
+@pytest.mark.parametrize(
+    "token, shown",
+    [
+        ("\u200c", "⟨U+200C⟩"),  # zero-width non-joiner: prints as nothing
+        ("\n", "↵"),
+        ("\t", "⇥"),
+        ("?", "?"),  # the real question mark stays itself: no escape looks like it
+        (" ?", "␣?"),
+        (" the", "␣the"),
+        ("a  b", "a␣␣b"),
+        ("", "⟨empty⟩"),
+        ("\x07", "⟨U+0007⟩"),  # a control character
+        ("\u00a0", "⟨U+00A0⟩"),  # a no-break space is not a space
+        ("\U000f0000", "⟨U+F0000⟩"),  # private use
+        ("␣", "⟨U+2423⟩"),  # the escapes' own characters, escaped: a token "␣" is no space
+        ("↵⇥", "⟨U+21B5⟩⟨U+21E5⟩"),
+        ("⟨U+200C⟩", "⟨U+27E8⟩U+200C⟩"),  # a token spelling an escape is not that escape
+        ("$x$", "$x$"),
+        ("ক", "ক"),  # Bengali KA, printable: kept where no font is asked about
+        ("中文", "中文"),
+    ],
+)
+def test_visible_token_hand_cases(token, shown):
+    assert visible_token(token) == shown
+
+
+def test_characters_the_font_lacks_are_escaped():
+    lacks_ka = lambda ch: ch != "ক"  # noqa: E731 - a font without Bengali KA (U+0995)
+    assert visible_token(" কখ", has_glyph=lacks_ka) == "␣⟨U+0995⟩খ"
+    # matplotlib's own font (DejaVu Sans) has no Bengali: with no other font to choose from,
+    # KA is escaped; Latin and the escapes' symbols are drawn.
+    default_only = font_plan({"ক", "a"}, candidates=[])
+    assert default_only.families == ("DejaVu Sans",)
+    assert not default_only.has_glyph("ক") and default_only.has_glyph("a")
+    assert all(default_only.has_glyph(ch) for ch in "␣↵⇥⟨⟩…")
+    assert visible_token("ক?", default_only.has_glyph) == "⟨U+0995⟩?"
+
+
+def test_installed_noto_fonts_draw_other_scripts():
+    plan = font_plan({"ক"})
+    if not plan.has_glyph("ক"):
+        pytest.skip("no installed font has Bengali (Debian's fonts-noto-core provides Noto Sans Bengali)")
+    assert plan.families[0] == "DejaVu Sans" and "Noto Sans Bengali" in plan.families
+    assert visible_token("ক", plan.has_glyph) == "ক"
+
+
+def test_grid_cells_wrap_and_keep_escapes_whole():
+    assert _wrapped("longtokenwithmanychars", None, 8, 2) == "longtoke\nnwithma…"
+    assert _wrapped("\u200c?", None, 8, 2) == "⟨U+200C⟩\n?"  # the 8-character escape, unsplit
+    assert _wrapped("日本語日本語", None, 8, 2) == "日本語日\n本語"  # wide characters count twice
+    assert _wrapped(" the", None, 8, 2) == "␣the"
+
+
+def _hand_map(tokens: list[str], top: list[str]) -> LayerMap:
+    """A one-layer map over ``tokens`` whose layer-0 and final top tokens are ``top``."""
+    cols = len(tokens) - 1
+    return LayerMap(
+        text="".join(tokens), token_ids=list(range(len(tokens))), tokens=tokens,
+        positions=list(range(cols)), layers=[0], num_layers=1, dola_layers=0, candidates=[0],
+        divergence_kind="reference", final_norm=False, top_ids=[[0] * cols], top_probs=[[0.25] * cols],
+        next_probs=[[0.5] * cols], divergence=[[1.0] * cols], dola_choice=[0] * cols,
+        final_top_ids=[0] * cols, final_top_probs=[0.75] * cols, final_next_probs=[0.5] * cols,
+        top_tokens=[top], final_top_tokens=top,
+    )
+
+
+def test_markdown_writes_every_token_whole_and_visibly():
+    tokens = ["Q", "\u200c", "?", " a|b", "longtokenwith_chars", "*x*"]
+    lines = _hand_map(tokens, tokens[1:]).markdown().splitlines()
+    assert lines[2] == "Text: `Q⟨U+200C⟩?␣a\\|blongtokenwith_chars*x*`"
+    assert lines[-7:] == [
+        "| position | predicted token | DoLa layer | 1 (final) | 0 |",
+        "|---|---|---|---|---|",
+        "| 0 | `⟨U+200C⟩` | 0 | `⟨U+200C⟩` 0.75 | `⟨U+200C⟩` 0.25 |",
+        "| 1 | `?` | 0 | `?` 0.75 | `?` 0.25 |",
+        "| 2 | `␣a\\|b` | 0 | `␣a\\|b` 0.75 | `␣a\\|b` 0.25 |",
+        "| 3 | `longtokenwith_chars` | 0 | `longtokenwith_chars` 0.75 | `longtokenwith_chars` 0.25 |",
+        "| 4 | `*x*` | 0 | `*x*` 0.75 | `*x*` 0.25 |",
+    ]
+
+
+def test_png_draws_no_empty_boxes(tmp_path):
+    """Tokens of many scripts, invisible characters and a "$": every glyph is drawn by some font or
+    escaped, so matplotlib reports no missing glyph (it warns for each one it draws as a box)."""
+    import warnings
+
+    tokens = ["Q", "\u200c", "\n", "?", " ক", "नमस्ते", "తెలుగు", "中文", "한국어", "\x07", "$x$", "ሰላም", "A"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        paths = plot_layer_map(_hand_map(tokens, tokens[1:]), tmp_path)
+    assert not [w for w in caught if "missing from" in str(w.message)], [str(w.message) for w in caught]
+    assert paths["top_tokens_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

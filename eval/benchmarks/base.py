@@ -6,14 +6,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from contrastive_decoding.eval.data import DataSource
-from contrastive_decoding.eval.generation import Generated, generate_batch
 from contrastive_decoding.eval.prompts import few_shot_prompt
-from contrastive_decoding.eval.strategies import StrategyRun
 
-from contrastive_decoding import ContinuationScore, PromptCache, score_continuations
+if TYPE_CHECKING:  # torch and transformers load with the first evaluation, not with the definitions
+    from contrastive_decoding.eval.generation import Generated
+    from contrastive_decoding.eval.strategies import StrategyRun
+
+    from contrastive_decoding import ContinuationScore, PromptCache
 
 __all__ = ["Benchmark", "EvalContext", "Metric", "layer_histogram"]
 
@@ -72,6 +74,8 @@ class EvalContext:
         ``primer``: the few-shot text every prompt of the benchmark starts with; its KV cache is
         computed once per run (see :class:`~contrastive_decoding.PromptCache`).
         """
+        from contrastive_decoding import score_continuations
+
         scores = score_continuations(
             self.model,
             self.tokenizer,
@@ -88,7 +92,11 @@ class EvalContext:
     def _prompt_cache(self, primer: str | None) -> PromptCache | None:
         if primer is None:
             return None
-        return self.prompt_caches.setdefault(primer, PromptCache(primer))
+        if primer not in self.prompt_caches:
+            from contrastive_decoding import PromptCache
+
+            self.prompt_caches[primer] = PromptCache(primer)
+        return self.prompt_caches[primer]
 
     def _refocused(self, prompt: str) -> str:
         # Strategies with an instruction for the original stream only (LOL's refocus) put it first.
@@ -103,6 +111,8 @@ class EvalContext:
         ``primer``: the few-shot text every prompt starts with; its KV cache is computed once per
         run and each batch decodes from it (see :func:`~contrastive_decoding.eval.generation.generate_batch`).
         """
+        from contrastive_decoding.eval.generation import generate_batch
+
         return generate_batch(
             self.model,
             self.tokenizer,

@@ -54,7 +54,7 @@ MC_SOURCE = DataSource(
     hub="truthfulqa/truthful_qa",
     hub_config="multiple_choice",
     hub_split="validation",
-    url="https://github.com/sylinrl/TruthfulQA (data/mc_task.json)",
+    url="https://github.com/sylinrl/TruthfulQA (data/v0/mc_task.json)",
 )
 
 

@@ -79,6 +79,22 @@ def test_cli_table_rows_in_order_unfinished_left_out(tmp_path, capsys):
     ]
 
 
+def test_runs_of_one_label_are_told_apart_by_what_differs(tmp_path):
+    from contrastive_decoding.eval.answer_stats import answer_stats_table
+
+    a = _run_folder(tmp_path, "a", RECORDS, model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    b = _run_folder(tmp_path, "b", RECORDS, model="smollm2")
+    c = _run_folder(tmp_path, "c", RECORDS, model="smollm2")
+    rows = [r.split(" | ")[1] for r in answer_stats_table([a, b, c]).splitlines()[2:]]
+    # b and c differ in nothing recorded but their folders.
+    assert rows == [
+        "dola[dola_layers=low]; model=HuggingFaceTB/SmolLM2-135M-Instruct",
+        f"dola[dola_layers=low]; model=smollm2 (embedded SmolLM2-135M-Instruct); {b}",
+        f"dola[dola_layers=low]; model=smollm2 (embedded SmolLM2-135M-Instruct); {c}",
+    ]
+    assert answer_stats(b)["model"] == "smollm2 (embedded SmolLM2-135M-Instruct)"
+
+
 def test_bad_folders_give_one_line(tmp_path, capsys):
     scored = _run_folder(tmp_path, "scored", [{"id": 0, "metrics": {"acc": 1.0}}], task="score")
     assert main(["answers", str(scored)]) == 2

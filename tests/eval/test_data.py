@@ -80,21 +80,32 @@ def test_missing_file_in_data_dir(tmp_path):
     with pytest.raises(DataError) as exc:
         resolve_data(BENCHMARKS["gsm8k"].source, "gsm8k", data_dir=str(tmp_path))
     message = _one_line(exc)
-    assert "gsm8k/test.jsonl" in message and "--data-dir" in message
+    # The expected layout under --data-dir, and the command that fills it.
+    assert f"reads {tmp_path / 'gsm8k' / 'test.jsonl'}, which is absent" in message
+    assert f"`contrastive-decoding data get gsm8k --to {tmp_path}` writes it there" in message
+    assert "`contrastive-decoding data list`" in message
 
 
 def test_no_hub_copy_and_no_file(tmp_path, monkeypatch):
     monkeypatch.setenv("CD_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CD_SHARED_DATA", raising=False)
     monkeypatch.setattr("contrastive_decoding.eval.data._CHECKOUT_DATA", tmp_path / "absent")
     source = DataSource(local="factor/wiki_factor.csv", url="https://example.org/wiki_factor.csv")
     with pytest.raises(DataError) as exc:
         resolve_data(source, "factor-wiki")
-    assert "no Hugging Face Hub copy" in _one_line(exc) and "--data PATH" in str(exc.value)
+    message = _one_line(exc)
+    assert "no Hugging Face Hub copy" in message and "--data PATH" in message
+    assert f"looked in {tmp_path}, {tmp_path / 'absent'}" in message
+    assert (
+        "`contrastive-decoding data get factor-wiki --to DIR` downloads it as DIR/factor/wiki_factor.csv"
+        in message
+    )
 
 
 def test_hub_failure_offline_is_one_line(monkeypatch):
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)  # tests/test_lm_eval.py sets it
     bench = BENCHMARKS["gsm8k"]
     resolved = resolve_data(bench.source, "gsm8k", data="hub")
     assert resolved.kind == "hub"
@@ -102,6 +113,9 @@ def test_hub_failure_offline_is_one_line(monkeypatch):
         load_items(bench, resolved)
     message = _one_line(exc)
     assert "openai/gsm8k" in message and "--data PATH" in message
+    assert "HF_HUB_OFFLINE is set, so only the local Hugging Face cache was read" in message
+    assert "`contrastive-decoding data get gsm8k --to DIR` downloads it as DIR/gsm8k/test.jsonl" in message
+    assert "then pass --data-dir DIR" in message
 
 
 def test_malformed_json_line(tmp_path):

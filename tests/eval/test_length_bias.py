@@ -116,11 +116,11 @@ def test_tfqa_hf_and_halueval_against_hand_counts(tmp_path):
     rows = analyze_runs(runs, tokenizer=char_tokenizer())
     assert [(r["benchmark"], r["label"]) for r in rows] == [
         ("tfqa-hf", "baseline"),
-        ("tfqa-hf", "dola[dola_layers=high]"),
+        ("tfqa-hf", "dola-high"),
         ("tfqa-hf", "always longest"),
         ("tfqa-hf", "always shortest"),
         ("halueval", "baseline"),
-        ("halueval", "dola[dola_layers=high]"),
+        ("halueval", "dola-high"),
         ("halueval", "always longest"),
         ("halueval", "always shortest"),
     ]
@@ -153,6 +153,8 @@ def test_tfqa_hf_and_halueval_against_hand_counts(tmp_path):
         assert row["recorded_metric"] == pytest.approx(row["metric_value"])
     table = length_bias_table(rows)
     assert "| tfqa-hf | always longest | - | 3 | mc1 33.3 | 100.0 | 33.3 | - | - |" in table
+    # Runs named from their recorded settings: `dola --param dola_layers=high` is the preset.
+    assert "| tfqa-hf | dola-high | paper | 3 |" in table and "| halueval | baseline | loglik | 2 |" in table
 
 
 def test_limit_and_shared_items(tmp_path):

@@ -10,12 +10,15 @@ Install with ``pip install "contrastive-decoding[vllm]"``. The pieces:
 * :mod:`.llm`: ``LLM`` and ``engine_arguments``; :mod:`.serve`: the server command.
 """
 
-from contrastive_decoding.backends.vllm.selection import request_args
-
 __all__ = ["LLM", "engine_arguments", "request_args"]
 
 
 def __getattr__(name: str):
+    # Every name on first use: `contrastive-decoding serve --help` imports this package, not torch.
+    if name == "request_args":
+        from contrastive_decoding.backends.vllm.selection import request_args
+
+        return request_args
     if name == "LLM":
         from contrastive_decoding.backends.vllm.llm import LLM
 

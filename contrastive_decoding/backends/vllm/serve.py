@@ -21,10 +21,6 @@ import os
 import shlex
 import sys
 
-from contrastive_decoding.backends.vllm.engine import engine_arguments
-from contrastive_decoding.backends.vllm.selection import FRONTEND_ENV
-from contrastive_decoding.core.validation import parse_param_pairs
-
 __all__ = ["main", "server_command"]
 
 _SET_HERE = ("--logits-processors", "--worker-extension-cls", "--speculative-config")
@@ -75,6 +71,11 @@ def server_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
         ValueError: a bad argument of ours, or one of vLLM's that this command sets itself.
     """
     args, rest = _parser().parse_known_args(argv)
+    # Imported here, not above: they import torch, which `serve --help` does not need.
+    from contrastive_decoding.backends.vllm.engine import engine_arguments
+    from contrastive_decoding.backends.vllm.selection import FRONTEND_ENV
+    from contrastive_decoding.core.validation import parse_param_pairs
+
     taken = [a for a in rest if a.split("=")[0] in _SET_HERE]
     if taken:
         raise ValueError(f"{', '.join(taken)}: set by contrastive-decoding serve; drop it.")
