@@ -35,7 +35,8 @@ CSV_IN_DATA_DIR = Path("truthfulqa") / "TruthfulQA.csv"
 #: Upstream copy of the file (Apache-2.0, Lin et al.).
 TRUTHFULQA_URL = "https://github.com/sylinrl/TruthfulQA/blob/main/TruthfulQA.csv"
 # The harness's data folders: the first of these environment variables that is set, then
-# ../shared/data beside a checkout of this repository (as eval/data.py searches them).
+# ../shared/data beside a checkout of this repository. A copy of eval/data.py's
+# default_data_dirs, because the library never imports its harness (tests/core/test_layering.py).
 _DATA_DIR_ENV = ("CD_DATA_DIR", "CD_SHARED_DATA")
 _CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -179,6 +179,28 @@ def _hf_strategy(name: str, static_layer: int):
     return make_strategy("dola", dola_layers=static_layer) if name == "dola" else make_strategy(name)
 
 
+def _timed_rounds(run, strategies: list[str], levels: list[int], repeats: int, tokens: int):
+    """Time ``run(strategy, concurrency, tokens) -> (seconds, token ids)`` for every strategy at
+    every concurrency ``repeats`` times, after one short warm-up each (strategy objects, buffers,
+    the allocator). Each repeat starts the strategies one further along, so none always runs first.
+
+    Returns:
+        ``(seconds, ids)``: strategy -> concurrency -> the wall times, and the last run's ids.
+    """
+    for name in strategies:
+        run(name, max(levels), min(tokens, 4))
+    seconds: dict[str, dict[int, list[float]]] = {s: {c: [] for c in levels} for s in strategies}
+    ids: dict[str, dict[int, list[list[int]]]] = {s: {} for s in strategies}
+    for c in levels:
+        for r in range(repeats):
+            shift = r % len(strategies)
+            for name in strategies[shift:] + strategies[:shift]:
+                wall, out = run(name, c, tokens)
+                seconds[name][c].append(wall)
+                ids[name][c] = out
+    return seconds, ids
+
+
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -277,17 +299,7 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(f"{name}: a request did not generate {tokens} tokens: {[len(x) for x in out]}")
         return wall, out
 
-    for name in strategies:  # warm-up: strategy objects, buffers, allocator
-        run(name, max(levels), min(args.tokens, 4))
-    times: dict[str, dict[int, list[float]]] = {s: {c: [] for c in levels} for s in strategies}
-    vllm_tokens: dict[str, dict[int, list[list[int]]]] = {s: {} for s in strategies}
-    for c in levels:
-        for r in range(args.repeats):
-            shift = r % len(strategies)
-            for name in strategies[shift:] + strategies[:shift]:
-                wall, out = run(name, c, args.tokens)
-                times[name][c].append(wall)
-                vllm_tokens[name][c] = out
+    times, vllm_tokens = _timed_rounds(run, strategies, levels, args.repeats, args.tokens)
 
     # DoLa-high floor: head products of C and of J * C rows, timed where the engine runs its model.
     J = len(high_layers)
@@ -345,18 +357,15 @@ def main(argv: list[str] | None = None) -> None:
                 raise RuntimeError(f"HF {name}: a row did not generate {tokens} tokens.")
             return wall, new
 
-        for name in hf_strategies:
-            hf_run(name, max(levels), min(args.tokens, 4))
-        hf_times = {s: {c: [] for c in levels} for s in hf_strategies}
-        hf_same = {s: {} for s in hf_strategies}
-        for c in levels:
-            for r in range(args.repeats):
-                shift = r % len(hf_strategies)
-                for name in hf_strategies[shift:] + hf_strategies[:shift]:
-                    wall, out = hf_run(name, c, args.tokens)
-                    hf_times[name][c].append(wall)
-                    if name in vllm_tokens:
-                        hf_same[name][c] = sum(a == b for a, b in zip(out, vllm_tokens[name][c], strict=True))
+        hf_times, hf_tokens = _timed_rounds(hf_run, hf_strategies, levels, args.repeats, args.tokens)
+        hf_same = {  # rows equal to vLLM's, for the strategies both ran
+            name: {
+                c: sum(a == b for a, b in zip(out, vllm_tokens[name][c], strict=True))
+                for c, out in by_level.items()
+                if name in vllm_tokens
+            }
+            for name, by_level in hf_tokens.items()
+        }
 
     # Report.
     T = args.tokens
